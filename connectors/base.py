@@ -1,0 +1,305 @@
+"""The connector contract every external system implements, and the error tree.
+
+Errors (retry decisions are made from the type alone)::
+
+    BusError
+    ├── TransientError            a retry may cure it: time-out, 429, 5xx, lock, connection lost
+    │   ├── ConnectorUnavailable  the external system cannot be reached
+    │   └── BrokerConnectionError RabbitMQ is down or the connection dropped
+    ├── PermanentError            a retry never will: validation, missing field, bad mapping
+    │   ├── RecordRejected        the target refused one record (carries the target's text)
+    │   ├── SchemaError           an event or record does not have the expected shape
+    │   └── MappingError          a field map could not be applied to a record
+    └── ConfigError               the configuration is wrong (reported before anything runs)
+
+Errors carry structured fields (``entity``, ``key``, ``status``, ``retry_after``) as
+attributes, not only text, so the dead-letter queue can show them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "BrokerConnectionError",
+    "BusError",
+    "Capabilities",
+    "ChangePage",
+    "ChangeRecord",
+    "ConfigError",
+    "Connector",
+    "ConnectorUnavailable",
+    "EntityInfo",
+    "FieldInfo",
+    "MappingError",
+    "Op",
+    "Outcome",
+    "OutcomeStatus",
+    "PermanentError",
+    "RecordRejected",
+    "SchemaError",
+    "TransientError",
+    "Version",
+    "WriteRow",
+]
+
+#: A record version as the source reports it: a row version / version number (int)
+#: or an opaque token (ETag) where the system has nothing better.
+Version = int | str
+
+
+class BusError(Exception):
+    """Root of every error syncbus raises on purpose.
+
+    Args:
+        message: What went wrong, in words an operator can act on.
+        entity: The entity (table, entity set) concerned, if any.
+        key: The record key concerned, if any.
+        status: The external system's status code (HTTP status, SQLSTATE), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        entity: str | None = None,
+        key: Mapping[str, Any] | None = None,
+        status: str | int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.entity = entity
+        self.key = dict(key) if key is not None else None
+        self.status = status
+
+
+class TransientError(BusError):
+    """A failure a later retry may cure.
+
+    Args:
+        retry_after: Seconds the external system asked us to wait (Retry-After), if it did.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class PermanentError(BusError):
+    """A failure no retry will cure; the message goes to the dead-letter queue."""
+
+
+class ConfigError(BusError):
+    """The configuration is invalid. ``problems`` lists every finding, located."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+class ConnectorUnavailable(TransientError):
+    """The external system cannot be reached (down, network, time-out)."""
+
+
+class BrokerConnectionError(TransientError):
+    """RabbitMQ cannot be reached or the connection was lost."""
+
+
+class RecordRejected(PermanentError):
+    """The target refused one record; ``message`` holds the target's own error text."""
+
+
+class SchemaError(PermanentError):
+    """An event or record does not have the shape the contract requires."""
+
+
+class MappingError(PermanentError):
+    """A field map could not be applied to a record (missing key, bad transform input)."""
+
+
+class Op(str, enum.Enum):
+    """What happened to a record."""
+
+    UPSERT = "upsert"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldInfo:
+    """One field of an entity as the connector's metadata describes it."""
+
+    name: str
+    type: str
+    nullable: bool = True
+    key: bool = False
+    #: Entity this field refers to (a lookup / foreign key), if any.
+    references: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EntityInfo:
+    """An entity (table, entity set) with its fields and key."""
+
+    name: str
+    fields: tuple[FieldInfo, ...]
+    key: tuple[str, ...]
+    #: Extra unique field sets usable as upsert keys (alternate keys, unique constraints).
+    unique_keys: tuple[tuple[str, ...], ...] = ()
+    #: Whether the system tracks changes for it (row version column / change tracking on).
+    change_tracking: bool = False
+
+    def field(self, name: str) -> FieldInfo | None:
+        """Return the field called ``name``, or None."""
+        return next((f for f in self.fields if f.name == name), None)
+
+    def is_unique(self, columns: Sequence[str]) -> bool:
+        """True when ``columns`` (in any order) are the key or one of the unique keys."""
+        wanted = set(columns)
+        return any(set(k) == wanted for k in (self.key, *self.unique_keys))
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a connector can do; the bus reads these instead of checking types."""
+
+    change_tracking: bool = False
+    deletes_tracked: bool = False
+    alternate_keys: bool = False
+    max_batch: int = 500
+    #: Requests per second the system tolerates, if it publishes a limit.
+    rate_limit: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One change read from a source: the row after the change, or a deletion."""
+
+    key: dict[str, Any]
+    op: Op
+    version: Version
+    modified_at: datetime | None = None
+    #: All field values after the change (None for deletes).
+    values: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePage:
+    """A bounded page of changes and the cursor that follows it.
+
+    The detector publishes every record of the page, waits for the broker's confirms,
+    and only then stores ``next_cursor`` (the cursor rule).
+    """
+
+    records: list[ChangeRecord]
+    next_cursor: str
+    #: True when the source holds more changes after this page.
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRow:
+    """A record to upsert into a target, already mapped to the target's field names."""
+
+    key: dict[str, Any]
+    values: dict[str, Any]
+
+
+class OutcomeStatus(str, enum.Enum):
+    APPLIED = "applied"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of writing one record: applied, or failed with a reason."""
+
+    status: OutcomeStatus
+    error: str | None = None
+    #: The target's status code (SQLSTATE, HTTP status), if any.
+    code: str | None = None
+    retry_after: float | None = None
+
+    @classmethod
+    def applied(cls) -> Outcome:
+        return _APPLIED
+
+    @property
+    def ok(self) -> bool:
+        return self.status is OutcomeStatus.APPLIED
+
+
+_APPLIED = Outcome(OutcomeStatus.APPLIED)
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """The one protocol every external system implements.
+
+    Retry, batching, metrics and echo suppression stay in the bus; a connector only
+    reads and writes its system and raises errors from the tree above.
+    """
+
+    name: str
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def describe(self, entities: Sequence[str] | None = None) -> list[EntityInfo]:
+        """Return metadata for ``entities`` (all when None).
+
+        Raises:
+            ConnectorUnavailable: the system cannot be reached.
+            SchemaError: a named entity does not exist.
+        """
+        ...
+
+    def has_changes(self, entity: str, cursor: str | None) -> bool:
+        """Cheap check (GetMaxRowVersion) whether anything changed after ``cursor``.
+
+        Raises:
+            ConnectorUnavailable: the system cannot be reached.
+        """
+        ...
+
+    def read_changes(self, entity: str, cursor: str | None, page_size: int) -> Iterator[ChangePage]:
+        """Yield pages of changes after ``cursor`` (None: from the beginning), oldest first.
+
+        Each page's ``next_cursor`` resumes right after that page. Deletions are
+        reported as ``Op.DELETE`` records in version order with the upserts.
+
+        Raises:
+            ConnectorUnavailable: the system cannot be reached.
+            SchemaError: the entity is not prepared for change tracking.
+        """
+        ...
+
+    def snapshot(self, entity: str) -> Iterator[tuple[dict[str, Any], Version]]:
+        """Yield (key, version) of every current record, for full resync and delete detection."""
+        ...
+
+    def upsert(self, entity: str, rows: Sequence[WriteRow]) -> list[Outcome]:
+        """Insert or update ``rows`` by key, idempotently; one outcome per row, in order.
+
+        One bad row does not fail the others.
+
+        Raises:
+            ConnectorUnavailable: the whole batch could not be attempted.
+        """
+        ...
+
+    def delete(self, entity: str, keys: Sequence[dict[str, Any]]) -> list[Outcome]:
+        """Delete records by key (a missing record counts as applied); one outcome per key.
+
+        Raises:
+            ConnectorUnavailable: the whole batch could not be attempted.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
