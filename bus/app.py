@@ -1,0 +1,166 @@
+"""What the CLI commands do, as plain functions that tests call directly.
+
+Each function takes an ``echo`` callable for its human-readable lines and returns
+the process exit code (see ``bus.cli``).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from bus.config import LoadedConfig, load_config
+from bus.log import configure_logging
+from bus.validate import check_urls, validate_config
+from bus.worker import RunSummary, Worker
+from connectors.base import BusError, ConfigError
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "run",
+    "setup",
+    "setup_logging",
+    "validate",
+]
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_TIMEOUT = 3
+
+Echo = Callable[[str], None]
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    configure_logging(level, fmt)
+
+
+def _load(path: Path, echo: Echo) -> LoadedConfig | None:
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        _report(exc.message, exc.problems, echo)
+        return None
+    problems = check_urls(loaded)
+    if problems:
+        _report(f"{path}: invalid configuration", problems, echo)
+        return None
+    return loaded
+
+
+def _report(headline: str, problems: list[str], echo: Echo) -> None:
+    echo(headline)
+    for problem in problems:
+        echo(f"  {problem}")
+
+
+def _check_live(loaded: LoadedConfig, worker: Worker, echo: Echo) -> bool:
+    problems = validate_config(loaded, worker.describe)
+    if problems:
+        _report(f"{loaded.path}: invalid configuration ({len(problems)} problems)", problems, echo)
+        return False
+    return True
+
+
+def validate(path: Path, *, echo: Echo = print) -> int:
+    """Check ``path`` against its schema and the live systems."""
+    loaded = _load(path, echo)
+    if loaded is None:
+        return EXIT_CONFIG
+    worker = Worker(loaded.config)
+    try:
+        worker.open_connectors()
+        if not _check_live(loaded, worker, echo):
+            return EXIT_CONFIG
+    finally:
+        worker.close()
+    cfg = loaded.config
+    echo(f"{path}: OK — {len(cfg.connections)} connections, {len(cfg.links)} links")
+    return EXIT_OK
+
+
+def setup(path: Path, *, echo: Echo = print) -> int:
+    """Prepare the source entities of every enabled link for change tracking."""
+    loaded = _load(path, echo)
+    if loaded is None:
+        return EXIT_CONFIG
+    worker = Worker(loaded.config)
+    try:
+        worker.open_connectors()
+        for line in worker.prepare_sources():
+            echo(line)
+    except BusError as exc:
+        echo(f"setup failed: {exc.message}")
+        return EXIT_FAILED
+    finally:
+        worker.close()
+    return EXIT_OK
+
+
+def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
+        echo: Echo = print, stop: threading.Event | None = None) -> int:
+    """Validate, then sync continuously (until ``stop`` / Ctrl-C) or until idle."""
+    loaded = _load(path, echo)
+    if loaded is None:
+        return EXIT_CONFIG
+    worker = Worker(loaded.config)
+    try:
+        worker.open_connectors()
+        if not _check_live(loaded, worker, echo):
+            return EXIT_CONFIG
+        worker.open()
+        if until_idle:
+            summary = worker.run_until_idle(max_wait=max_wait, on_progress=echo)
+            return _summarize(summary, echo)
+        stop = stop or _signal_stop()
+        worker.run(stop)
+        return EXIT_OK
+    except BusError as exc:
+        echo(f"syncbus: {exc.message}")
+        return EXIT_FAILED
+    finally:
+        worker.close()
+
+
+def _signal_stop() -> threading.Event:
+    """An event set by the first SIGINT or SIGTERM; a second Ctrl-C interrupts hard."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _summarize(summary: RunSummary, echo: Echo) -> int:
+    for link in summary.links:
+        echo(f"link {link.link}: {link.upserted} upserted, {link.deleted} deleted, "
+             f"{link.skipped} skipped, {link.retried} retried, {link.dead} dead-lettered"
+             + (f", {link.pending} still pending" if link.pending else ""))
+    for error in summary.errors:
+        echo(f"error: {error}")
+    echo(f"done in {summary.seconds:.1f}s")
+    if summary.dead:
+        echo(f"{summary.dead} change(s) went to the dead-letter queue in this run "
+             f"({summary.dead_total} waiting there in all); see the x-syncbus-error headers")
+        return EXIT_FAILED
+    if summary.errors:
+        return EXIT_FAILED
+    if summary.timed_out:
+        echo("gave up waiting: changes are still pending (in retry); they stay queued")
+        return EXIT_TIMEOUT
+    return EXIT_OK

@@ -1,0 +1,308 @@
+"""The consumer runtime: prefetch, batching, and ack / retry / dead-letter.
+
+A :class:`BatchConsumer` drains one work queue with kombu, hands batches to a
+handler, and settles every message by the handler's :class:`Decision`:
+
+- ``ACK``: the target confirmed the write (or the event was stale / a duplicate).
+- ``RETRY``: a copy goes to the link's delayed retry queue (attempts + 1), and comes
+  back to the work queue when its TTL expires; after ``max_attempts`` it is dead.
+- ``DEAD``: a copy goes to the dead-letter queue with the error in its headers.
+
+The apply rule: a message is acked only after the target confirmed, or after its
+copy was confirmed by the broker in the retry or dead-letter queue. A handler that
+crashes is retried message by message so one poison message cannot take its batch
+with it; the message that still crashes is rejected back to the queue, and
+RabbitMQ dead-letters it once ``x-delivery-limit`` is reached.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+from kombu import Connection, Consumer, Queue
+from kombu.message import Message
+
+from bus.publisher import OutMessage, Publisher
+from bus.redact import redact_url
+from bus.topology import DEAD_EXCHANGE, LinkQueues
+from schemas.config import RetryPolicy
+
+__all__ = ["BatchConsumer", "Decision", "Delivery", "Verdict", "headers"]
+
+log = structlog.get_logger(__name__)
+
+#: Seconds to wait for more messages before a partial batch is processed.
+BATCH_WAIT = 0.05
+#: Characters of an error text kept in message headers.
+MAX_ERROR_CHARS = 2000
+
+
+class headers:  # noqa: N801 - a namespace of header names
+    """Header names syncbus sets on retried and dead-lettered messages."""
+
+    ATTEMPTS = "x-syncbus-attempts"
+    LINK = "x-syncbus-link"
+    ROUTING_KEY = "x-syncbus-routing-key"
+    FIRST_FAILURE = "x-syncbus-first-failure"
+    LAST_FAILURE = "x-syncbus-last-failure"
+    ERROR = "x-syncbus-error"
+    ERROR_CLASS = "x-syncbus-error-class"
+    RESPONSE = "x-syncbus-response"
+
+
+class Verdict(enum.Enum):
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """How to settle one message."""
+
+    verdict: Verdict
+    error: str | None = None
+    error_class: str | None = None
+    retry_after: float | None = None
+    response: str | None = None
+
+    @classmethod
+    def ack(cls) -> Decision:
+        return _ACK
+
+
+_ACK = Decision(Verdict.ACK)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message as the handler sees it."""
+
+    body: bytes
+    headers: dict[str, Any]
+    routing_key: str
+    message_id: str | None
+    message: Message = field(repr=False)
+
+    @property
+    def attempts(self) -> int:
+        """Failed attempts so far (our own header, not x-death)."""
+        return int(self.headers.get(headers.ATTEMPTS, 0) or 0)
+
+    @property
+    def original_routing_key(self) -> str:
+        return str(self.headers.get(headers.ROUTING_KEY) or self.routing_key)
+
+
+Handler = Callable[[Sequence[Delivery]], list[Decision]]
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    acked: int = 0
+    retried: int = 0
+    dead: int = 0
+    crashed: int = 0
+    in_flight: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    #: Monotonic time since which the consumer has had no message in hand (None: busy).
+    idle_since: float | None = None
+    connected: bool = False
+
+
+class BatchConsumer:
+    """Consumes one link direction's work queue in batches.
+
+    Args:
+        url: AMQP URL.
+        queues: The link direction's queue names.
+        handler: Maps and applies a batch; returns one Decision per delivery.
+        publisher: Confirmed publisher for retry and dead-letter copies.
+        retry: The link's retry policy.
+        prefetch: Unacked messages the broker may push to us.
+        batch_size: Largest batch handed to ``handler``.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        queues: LinkQueues,
+        handler: Handler,
+        publisher: Publisher,
+        retry: RetryPolicy,
+        prefetch: int,
+        batch_size: int,
+    ) -> None:
+        self.url = url
+        self.queues = queues
+        self.handler = handler
+        self.publisher = publisher
+        self.retry = retry
+        self.prefetch = max(prefetch, batch_size)
+        self.batch_size = batch_size
+        self.stats = ConsumerStats()
+        self._buffer: list[Delivery] = []
+        self._log = log.bind(link=queues.link, direction=queues.direction)
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set; reconnects after broker failures.
+
+        The batch in hand when ``stop`` is set is finished and settled first.
+        """
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                with Connection(self.url, heartbeat=30, connect_timeout=10) as conn:
+                    conn.connect()
+                    backoff = 0.5
+                    self._consume(conn, stop)
+            except Exception as exc:  # noqa: BLE001 - any failure: unacked messages come back
+                self._buffer.clear()
+                self.stats.in_flight = 0
+                self.stats.connected = False
+                self.stats.idle_since = None
+                if stop.is_set():
+                    break
+                self._log.warning("consumer_reconnecting", url=redact_url(self.url),
+                                  error=str(exc) or type(exc).__name__, wait=backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 15.0)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _consume(self, conn: Connection, stop: threading.Event) -> None:
+        channel = conn.channel()
+        channel.basic_qos(0, self.prefetch, False)
+        consumer = Consumer(
+            channel, queues=[Queue(self.queues.work, no_declare=True)],
+            on_message=self._on_message, no_ack=False,
+        )
+        consumer.consume()
+        self.stats.connected = True
+        self._log.info("consumer_started", queue=self.queues.work)
+        while not stop.is_set():
+            try:
+                conn.drain_events(timeout=BATCH_WAIT)
+                if len(self._buffer) < self.batch_size:
+                    continue
+            except socket.timeout:
+                conn.heartbeat_check()
+                if not self._buffer and self.stats.idle_since is None:
+                    self.stats.idle_since = time.monotonic()
+            if self._buffer:
+                self._flush(channel)
+        if self._buffer:
+            self._flush(channel)
+        consumer.cancel()
+
+    def _on_message(self, message: Message) -> None:
+        self._buffer.append(Delivery(
+            body=message.body if isinstance(message.body, bytes) else bytes(message.body),
+            headers=dict(message.headers or {}),
+            routing_key=message.delivery_info.get("routing_key", ""),
+            message_id=message.properties.get("message_id"),
+            message=message,
+        ))
+        self.stats.in_flight = len(self._buffer)
+        self.stats.idle_since = None
+
+    def _flush(self, channel: Any) -> None:
+        batch, self._buffer = self._buffer, []
+        decisions, crashed = self._decide(batch)
+        copies = []
+        for delivery, dec in zip(batch, decisions, strict=True):
+            if dec is None:
+                continue
+            if dec.verdict is Verdict.ACK:
+                self.stats.acked += 1
+                continue
+            copy, dead = self._copy(delivery, dec)
+            copies.append(copy)
+            if dead:
+                self.stats.dead += 1
+            else:
+                self.stats.retried += 1
+        # Apply rule: the copies must be confirmed before the originals are acked.
+        self.publisher.publish_batch(copies)
+        for delivery in crashed:
+            delivery.message.requeue()
+        self.stats.crashed += len(crashed)
+        settled = [d.message.delivery_tag for d, dec in zip(batch, decisions, strict=True)
+                   if dec is not None]
+        if settled and not crashed:
+            # Everything delivered before this batch is settled already: one frame acks all.
+            channel.basic_ack(max(settled), multiple=True)
+        else:
+            for tag in settled:
+                channel.basic_ack(tag)
+        self.stats.in_flight = 0
+        self.stats.last_activity = time.monotonic()
+
+    def _decide(self, batch: list[Delivery]) -> tuple[list[Decision | None], list[Delivery]]:
+        try:
+            decisions: list[Decision | None] = list(self.handler(batch))
+            if len(decisions) != len(batch):
+                raise RuntimeError(f"handler returned {len(decisions)} decisions for {len(batch)}")
+            return decisions, []
+        except Exception:  # noqa: BLE001 - a bug or a poison message: isolate it
+            self._log.exception("batch_handler_crashed", size=len(batch))
+        decisions, crashed = [], []
+        for delivery in batch:
+            try:
+                decisions.append(self.handler([delivery])[0])
+            except Exception as exc:  # noqa: BLE001
+                self._log.error("message_crashed_handler", message_id=delivery.message_id,
+                                error=str(exc), attempts=delivery.attempts)
+                decisions.append(None)
+                crashed.append(delivery)
+        return decisions, crashed
+
+    def _copy(self, delivery: Delivery, decision: Decision) -> tuple[OutMessage, bool]:
+        """The retry or dead-letter copy of ``delivery``, and whether it is dead."""
+        now = datetime.now(timezone.utc).isoformat()
+        attempts = delivery.attempts + 1
+        hdrs = dict(delivery.headers)
+        hdrs.update({
+            headers.ATTEMPTS: attempts,
+            headers.LINK: self.queues.link,
+            headers.ROUTING_KEY: delivery.original_routing_key,
+            headers.LAST_FAILURE: now,
+            headers.ERROR: (decision.error or "")[:MAX_ERROR_CHARS],
+            headers.ERROR_CLASS: decision.error_class or "",
+        })
+        hdrs.setdefault(headers.FIRST_FAILURE, now)
+        if decision.response:
+            hdrs[headers.RESPONSE] = decision.response[:MAX_ERROR_CHARS]
+        props = delivery.message.properties
+        content_type = props.get("content_type") or "application/cloudevents+json"
+        if decision.verdict is Verdict.RETRY and attempts < self.retry.max_attempts:
+            delay, queue = self._tier(attempts, decision.retry_after)
+            self._log.info("message_retry", message_id=delivery.message_id, attempts=attempts,
+                           delay=delay, error=decision.error)
+            return OutMessage("", queue, delivery.body, hdrs, delivery.message_id,
+                              mandatory=True, content_type=content_type), False
+        if decision.verdict is Verdict.RETRY:
+            hdrs[headers.ERROR] = (f"gave up after {attempts} attempts: {decision.error}")[
+                :MAX_ERROR_CHARS]
+        self._log.warning("message_dead_lettered", message_id=delivery.message_id,
+                          attempts=attempts, error=hdrs[headers.ERROR])
+        return OutMessage(DEAD_EXCHANGE, delivery.original_routing_key, delivery.body, hdrs,
+                          delivery.message_id, mandatory=True, content_type=content_type), True
+
+    def _tier(self, attempts: int, retry_after: float | None) -> tuple[float, str]:
+        delay, queue = self.queues.retry_queue(attempts)
+        if retry_after:
+            # Honour Retry-After: the first tier at least as long as asked.
+            later = [t for t in self.queues.retries if t[0] >= retry_after]
+            if later and later[0][0] > delay:
+                delay, queue = later[0]
+        return delay, queue

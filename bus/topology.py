@@ -1,0 +1,120 @@
+"""RabbitMQ topology: names and idempotent declaration.
+
+::
+
+    syncbus.changes (topic) ──<conn>.<entity>.*──▶ syncbus.link.<link>.<dir>   (quorum, work queue)
+                                                     │ x-delivery-limit exceeded
+    syncbus.retry.<link>.<dir>.<seconds>s (quorum, TTL) ──expired──▶ back to the work queue
+    syncbus.dead (fanout) ─────────────────────────▶ syncbus.dead  (quorum: the offline-transaction log)
+
+Everything is durable; the dead-lettering of quorum queues uses the at-least-once
+strategy (RabbitMQ ≥ 3.10), so a message moved by the broker itself can be
+duplicated but never lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kombu import Connection, Exchange, Queue
+
+from schemas.config import LinkConfig, SyncConfig
+
+__all__ = [
+    "CHANGES_EXCHANGE",
+    "DEAD_EXCHANGE",
+    "DEAD_QUEUE",
+    "LinkQueues",
+    "declare_topology",
+    "link_queues",
+]
+
+#: Topic exchange every change event is published to.
+CHANGES_EXCHANGE = "syncbus.changes"
+#: Fanout exchange in front of the dead-letter queue.
+DEAD_EXCHANGE = "syncbus.dead"
+#: The offline-transaction log.
+DEAD_QUEUE = "syncbus.dead"
+
+_AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
+
+@dataclass(frozen=True, slots=True)
+class LinkQueues:
+    """Queue names of one link direction."""
+
+    link: str
+    direction: str
+    work: str
+    #: Retry tiers as (delay seconds, queue name), shortest first.
+    retries: tuple[tuple[float, str], ...]
+    #: Routing-key pattern the work queue is bound with.
+    binding: str
+
+    def retry_queue(self, attempt: int) -> tuple[float, str]:
+        """The retry tier for the ``attempt``-th failure (1-based); the last tier repeats."""
+        return self.retries[min(attempt, len(self.retries)) - 1]
+
+
+def link_queues(name: str, link: LinkConfig, direction: str = "a2b") -> LinkQueues:
+    """Names of the queues serving ``link`` in ``direction``."""
+    work = f"syncbus.link.{name}.{direction}"
+    delays = sorted(set(link.retry.delays))
+    return LinkQueues(
+        link=name,
+        direction=direction,
+        work=work,
+        retries=tuple((d, f"syncbus.retry.{name}.{direction}.{_fmt(d)}") for d in delays),
+        binding=f"{link.source.connection}.{link.source.entity}.*",
+    )
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def declare_topology(conn: Connection, config: SyncConfig) -> list[LinkQueues]:
+    """Declare exchanges and queues for every enabled link; safe to run again.
+
+    Raises:
+        kombu / amqp errors when the broker refuses a declaration (e.g. a queue
+        exists with other arguments); callers translate them.
+    """
+    changes = Exchange(CHANGES_EXCHANGE, type="topic", durable=True)
+    dead_x = Exchange(DEAD_EXCHANGE, type="fanout", durable=True)
+    channel = conn.default_channel
+    changes.declare(channel=channel)
+    dead_x.declare(channel=channel)
+    Queue(
+        DEAD_QUEUE, exchange=dead_x, routing_key="", durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    ).declare(channel=channel)
+    declared = []
+    for name, link in config.links.items():
+        if not link.enabled:
+            continue
+        lq = link_queues(name, link)
+        work_args: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": config.broker.delivery_limit,
+            "x-dead-letter-exchange": DEAD_EXCHANGE,
+            **_AT_LEAST_ONCE,
+        }
+        Queue(
+            lq.work, exchange=changes, routing_key=lq.binding, durable=True,
+            queue_arguments=work_args,
+        ).declare(channel=channel)
+        for delay, queue in lq.retries:
+            Queue(
+                queue, durable=True,
+                queue_arguments={
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": int(delay * 1000),
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": lq.work,
+                    **_AT_LEAST_ONCE,
+                },
+            ).declare(channel=channel)
+        declared.append(lq)
+    return declared

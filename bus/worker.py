@@ -1,0 +1,300 @@
+"""The worker process: detectors and mapping consumers of every enabled link.
+
+``Worker.run(stop)`` keeps the targets in sync until ``stop`` is set; shutdown lets
+each detector finish its page (publish, confirm, commit) and each consumer its batch
+(write, ack). ``Worker.run_until_idle()`` is "Sync All": poll every source once,
+deliver everything pending, report.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from kombu import Connection
+
+from bus.consumer import BatchConsumer
+from bus.publisher import Publisher
+from bus.redact import redact_url
+from bus.topology import DEAD_QUEUE, LinkQueues, declare_topology
+from connectors.base import BrokerConnectionError, BusError, Connector, EntityInfo, PermanentError
+from connectors.registry import open_connector
+from consumers.apply import LinkApplier
+from producers.detector import Detector, PollResult
+from producers.state import StateStore
+from schemas.config import SyncConfig
+
+__all__ = ["LinkSummary", "RunSummary", "Worker"]
+
+log = structlog.get_logger(__name__)
+
+#: Seconds the idle check waits to be sure no message is still on its way to a consumer.
+IDLE_SETTLE = 0.3
+#: Longest pause between two polls of a failing source.
+MAX_POLL_BACKOFF = 60.0
+
+
+@dataclass(slots=True)
+class LinkSummary:
+    """What one link direction did during a run."""
+
+    link: str
+    upserted: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    retried: int = 0
+    dead: int = 0
+    pending: int = 0
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a ``run --until-idle`` did."""
+
+    detected: dict[str, PollResult] = field(default_factory=dict)
+    links: list[LinkSummary] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    dead_total: int = 0
+    timed_out: bool = False
+    seconds: float = 0.0
+
+    @property
+    def dead(self) -> int:
+        return sum(s.dead for s in self.links)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.dead or self.errors or self.timed_out)
+
+
+class Worker:
+    """Owns the connectors, state store, publisher, detectors and consumers.
+
+    Args:
+        config: A validated configuration.
+    """
+
+    def __init__(self, config: SyncConfig) -> None:
+        self.config = config
+        self.connectors: dict[str, Connector] = {}
+        self.state: StateStore | None = None
+        self.publisher: Publisher | None = None
+        self.detectors: list[tuple[Detector, float]] = []
+        self.consumers: list[tuple[BatchConsumer, LinkApplier]] = []
+        self.queues: list[LinkQueues] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def open_connectors(self) -> None:
+        """Create the connectors (connections open lazily, on first use)."""
+        for name, conn_cfg in self.config.connections.items():
+            if name not in self.connectors:
+                self.connectors[name] = open_connector(name, conn_cfg)
+
+    def prepare_sources(self) -> list[str]:
+        """Prepare every enabled link's source entity for change tracking.
+
+        Returns:
+            What was done, one line per step.
+        """
+        self.open_connectors()
+        wanted: dict[str, list[str]] = {}
+        for link in self.config.links.values():
+            if link.enabled:
+                entities = wanted.setdefault(link.source.connection, [])
+                if link.source.entity not in entities:
+                    entities.append(link.source.entity)
+        lines = []
+        for conn_name, entities in wanted.items():
+            connector = self.connectors[conn_name]
+            prepare = getattr(connector, "prepare_tracking", None)
+            if prepare is None:
+                lines.append(f"{conn_name}: tracks changes natively, nothing to prepare")
+                continue
+            lines += [f"{conn_name}.{line}" for line in prepare(entities)]
+        return lines
+
+    def open(self) -> None:
+        """Connect everything and declare the topology.
+
+        Raises:
+            BrokerConnectionError: RabbitMQ cannot be reached.
+            BusError: a connector or the state store cannot be opened.
+        """
+        cfg = self.config
+        self.open_connectors()
+        self.state = StateStore(cfg.state.url)
+        self.queues = self._declare()
+        self.publisher = Publisher(cfg.broker.url, name="syncbus-worker")
+        self._build_detectors()
+        self._build_consumers()
+
+    def close(self) -> None:
+        """Release every connection (after the threads stopped)."""
+        if self.publisher is not None:
+            self.publisher.close()
+        for conn in self.connectors.values():
+            conn.close()
+        if self.state is not None:
+            self.state.close()
+
+    def describe(self, connection: str) -> dict[str, EntityInfo]:
+        """Entities of ``connection`` by name (for validation)."""
+        return {e.name: e for e in self.connectors[connection].describe()}
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Detect and deliver until ``stop`` is set, then shut down gracefully."""
+        threads = [self._thread(f"consumer-{c.queues.work}", c.run, stop) for c, _ in self.consumers]
+        threads += [
+            self._thread(f"detector-{d.name}", self._detect_loop, d, interval, stop)
+            for d, interval in self.detectors
+        ]
+        log.info("worker_started", detectors=len(self.detectors), links=len(self.consumers))
+        stop.wait()
+        log.info("worker_stopping")
+        for t in threads:
+            t.join()
+        log.info("worker_stopped")
+
+    def run_until_idle(self, *, max_wait: float = 600.0,
+                       on_progress: Callable[[str], None] | None = None) -> RunSummary:
+        """Poll every source once, deliver everything pending, and report.
+
+        Args:
+            max_wait: Seconds to wait for pending deliveries (retries included).
+            on_progress: Called with one line per step, for the CLI.
+        """
+        started = time.monotonic()
+        say = on_progress or (lambda _line: None)
+        summary = RunSummary()
+        stop = threading.Event()
+        threads = [self._thread(f"consumer-{c.queues.work}", c.run, stop) for c, _ in self.consumers]
+        try:
+            for detector, _ in self.detectors:
+                try:
+                    result = detector.poll()
+                except BusError as exc:
+                    summary.errors.append(f"detector {detector.name}: {exc.message}")
+                    continue
+                summary.detected[detector.name] = result
+                say(f"{detector.name}: published {result.upserts} upserts, "
+                    f"{result.deletes} deletes")
+            summary.timed_out = not self._wait_idle(started + max_wait)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        summary.links = self._link_summaries()
+        summary.dead_total = self._count(DEAD_QUEUE)
+        summary.seconds = time.monotonic() - started
+        return summary
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _declare(self) -> list[LinkQueues]:
+        url = self.config.broker.url
+        conn = Connection(url, connect_timeout=10)
+        try:
+            with conn:
+                conn.ensure_connection(max_retries=3, interval_start=0.5, interval_step=1)
+                return declare_topology(conn, self.config)
+        except conn.connection_errors + (OSError,) as exc:
+            raise BrokerConnectionError(
+                f"cannot reach RabbitMQ at {redact_url(url)}: {exc}") from exc
+
+    def _build_detectors(self) -> None:
+        sources: dict[tuple[str, str], tuple[int, float]] = {}
+        for link in self.config.links.values():
+            if not link.enabled:
+                continue
+            src = (link.source.connection, link.source.entity)
+            page, interval = sources.get(src, (link.page_size, link.poll_interval))
+            sources[src] = (min(page, link.page_size), min(interval, link.poll_interval))
+        assert self.state is not None and self.publisher is not None
+        for (conn, entity), (page, interval) in sources.items():
+            detector = Detector(connection=conn, entity=entity, connector=self.connectors[conn],
+                                state=self.state, publisher=self.publisher, page_size=page)
+            self.detectors.append((detector, interval))
+
+    def _build_consumers(self) -> None:
+        assert self.state is not None and self.publisher is not None
+        by_name = {q.link: q for q in self.queues}
+        for name, link in self.config.links.items():
+            if not link.enabled:
+                continue
+            target = self.connectors[link.target.connection]
+            info = target.describe([link.target.entity])[0]
+            applier = LinkApplier(name, link, target, self.state,
+                                  target_fields=[f.name for f in info.fields])
+            consumer = BatchConsumer(
+                url=self.config.broker.url, queues=by_name[name], handler=applier,
+                publisher=self.publisher, retry=link.retry,
+                prefetch=self.config.broker.prefetch, batch_size=link.batch_size,
+            )
+            self.consumers.append((consumer, applier))
+
+    def _detect_loop(self, detector: Detector, interval: float, stop: threading.Event) -> None:
+        backoff = interval
+        while not stop.is_set():
+            try:
+                detector.poll(stop)
+                backoff = interval
+            except PermanentError as exc:
+                log.error("detector_failed", detector=detector.name, error=exc.message)
+                backoff = MAX_POLL_BACKOFF
+            except BusError as exc:
+                backoff = min(max(backoff * 2, 1.0), MAX_POLL_BACKOFF)
+                log.warning("detector_retrying", detector=detector.name, error=exc.message,
+                            wait=backoff)
+            except Exception:  # noqa: BLE001 - keep the worker alive; the cursor did not move
+                log.exception("detector_crashed", detector=detector.name)
+                backoff = MAX_POLL_BACKOFF
+            stop.wait(backoff)
+
+    def _wait_idle(self, deadline: float) -> bool:
+        """Wait until every link's queues are empty and every consumer is idle."""
+        while time.monotonic() < deadline:
+            checked_at = time.monotonic()
+            if self._pending() == 0:
+                time.sleep(IDLE_SETTLE)
+                if all(c.stats.connected and c.stats.idle_since is not None
+                       and c.stats.idle_since <= checked_at for c, _ in self.consumers):
+                    return True
+            else:
+                time.sleep(IDLE_SETTLE)
+        return False
+
+    def _pending(self) -> int:
+        return self._count(*(n for q in self.queues for n in _names(q)))
+
+    def _count(self, *queues: str) -> int:
+        """Ready messages in ``queues`` (one connection for all)."""
+        with Connection(self.config.broker.url, connect_timeout=10) as conn:
+            channel = conn.default_channel
+            return sum(int(channel.queue_declare(queue=q, passive=True)[1]) for q in queues)
+
+    def _link_summaries(self) -> list[LinkSummary]:
+        out = []
+        for consumer, applier in self.consumers:
+            st, ap = consumer.stats, applier.stats
+            out.append(LinkSummary(
+                link=applier.name, upserted=ap.upserted, deleted=ap.deleted,
+                skipped=ap.stale + ap.superseded + ap.ignored, retried=st.retried, dead=st.dead,
+                pending=self._count(*_names(consumer.queues)),
+            ))
+        return out
+
+    @staticmethod
+    def _thread(name: str, target: Callable[..., None], *args: object) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        return thread
+
+
+def _names(queues: LinkQueues) -> list[str]:
+    return [queues.work, *(name for _, name in queues.retries)]

@@ -1,0 +1,223 @@
+"""The mapping consumer of one link direction: map, guard, write, decide.
+
+For each batch of change events:
+
+1. decode and map every event (a malformed event or a mapping error is permanent:
+   dead-letter it, with the reason, and go on with the rest);
+2. coalesce events of the same target record, keeping the newest version;
+3. under the state store's lock for those records, drop events whose version is not
+   newer than the version already applied (the ordering rule), upsert and delete
+   the rest in the target in one batch each, and record the applied versions;
+4. turn each record's outcome into a decision: applied → ack, transient → retry,
+   permanent → dead-letter with the target's own error text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from bus.consumer import Decision, Delivery, Verdict
+from connectors.base import (
+    BusError,
+    Connector,
+    Outcome,
+    OutcomeStatus,
+    PermanentError,
+    SchemaError,
+    TransientError,
+    WriteRow,
+)
+from consumers.mapping import FieldMapper
+from producers.state import StateStore
+from schemas.config import LinkConfig
+from schemas.event import canonical_key
+
+__all__ = ["ApplyStats", "LinkApplier"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class ApplyStats:
+    """Running totals of one applier."""
+
+    upserted: int = 0
+    deleted: int = 0
+    stale: int = 0
+    superseded: int = 0
+    ignored: int = 0
+    failed: int = 0
+
+
+@dataclass(slots=True)
+class _Item:
+    index: int
+    delivery: Delivery
+    event_id: str
+    op: str
+    version: Any
+    key: dict[str, Any]
+    record_key: str
+    values: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LinkApplier:
+    """Applies batches of change events to a link's target.
+
+    Args:
+        name: Link name (state-store namespace and log field).
+        link: The link's configuration.
+        target: The target connector.
+        state: The state store (ordering rule).
+        target_fields: Fields of the target entity (restricts identity mapping).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        link: LinkConfig,
+        target: Connector,
+        state: StateStore,
+        *,
+        target_fields: Collection[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.link = link
+        self.target = target
+        self.state = state
+        self.entity = link.target.entity
+        self.mapper = FieldMapper(link, target_fields=target_fields)
+        self.stats = ApplyStats()
+        self._log = log.bind(link=name, entity=self.entity)
+
+    def __call__(self, batch: Sequence[Delivery]) -> list[Decision]:
+        decisions: list[Decision | None] = [None] * len(batch)
+        items: dict[str, _Item] = {}
+        for index, delivery in enumerate(batch):
+            try:
+                item = self._prepare(index, delivery)
+            except PermanentError as exc:
+                decisions[index] = self._dead(delivery, exc)
+                continue
+            if item is None:
+                decisions[index] = Decision.ack()
+                continue
+            older = items.get(item.record_key)
+            if older is not None and _newer(older.version, item.version):
+                decisions[index] = Decision.ack()
+                self.stats.superseded += 1
+                continue
+            if older is not None:
+                decisions[older.index] = Decision.ack()
+                self.stats.superseded += 1
+            items[item.record_key] = item
+        if items:
+            self._apply(list(items.values()), decisions)
+        return [d if d is not None else Decision.ack() for d in decisions]
+
+    # -- steps ------------------------------------------------------------------------
+
+    def _prepare(self, index: int, delivery: Delivery) -> _Item | None:
+        try:
+            event = json.loads(delivery.body)
+            data = event["data"]
+            op, version, key = data["op"], data["version"], data["key"]
+            event_id = str(event["id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SchemaError(f"malformed change event: {type(exc).__name__}: {exc}") from exc
+        if op not in ("upsert", "delete") or not isinstance(key, dict):
+            raise SchemaError(f"malformed change event: op={op!r}, key={key!r}")
+        if op == "delete" and self.link.deletes == "ignore":
+            self.stats.ignored += 1
+            return None
+        if op == "upsert":
+            record = data.get("record")
+            if not isinstance(record, dict):
+                raise SchemaError("malformed change event: upsert without a record")
+            target_key = self.mapper.target_key(record)
+            values = self.mapper.map_record(record)
+        else:
+            target_key, values = self.mapper.target_key(key), None
+        return _Item(index, delivery, event_id, op, version, target_key,
+                     canonical_key(target_key), values)
+
+    def _apply(self, items: list[_Item], decisions: list[Decision | None]) -> None:
+        started = time.perf_counter()
+        try:
+            with self.state.guard(self.name, [i.record_key for i in items]) as guard:
+                fresh = []
+                for item in items:
+                    if isinstance(item.version, int) and guard.is_stale(item.record_key, item.version):
+                        decisions[item.index] = Decision.ack()
+                        self.stats.stale += 1
+                    else:
+                        fresh.append(item)
+                outcomes = self._write(fresh)
+                for item, outcome in zip(fresh, outcomes, strict=True):
+                    decisions[item.index] = self._decide(item, outcome)
+                    if outcome.ok and isinstance(item.version, int):
+                        guard.record(item.record_key, item.version)
+        except (TransientError, PermanentError) as exc:
+            # Nothing of this batch is recorded as applied: every record goes round again.
+            self._log.warning("batch_failed", count=len(items), error=exc.message,
+                              error_class=type(exc).__name__)
+            for item in items:
+                decisions[item.index] = self._fail(item.delivery, exc)
+            return
+        self._log.info("batch_applied", count=len(items),
+                       ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def _write(self, items: list[_Item]) -> list[Outcome]:
+        upserts = [i for i in items if i.op == "upsert"]
+        deletes = [i for i in items if i.op == "delete"]
+        by_item: dict[int, Outcome] = {}
+        if upserts:
+            rows = [WriteRow(key=i.key, values=i.values or {}) for i in upserts]
+            for item, outcome in zip(upserts, self.target.upsert(self.entity, rows), strict=True):
+                by_item[item.index] = outcome
+                self.stats.upserted += outcome.ok
+        if deletes:
+            keys = [i.key for i in deletes]
+            for item, outcome in zip(deletes, self.target.delete(self.entity, keys), strict=True):
+                by_item[item.index] = outcome
+                self.stats.deleted += outcome.ok
+        return [by_item[i.index] for i in items]
+
+    # -- decisions ----------------------------------------------------------------------
+
+    def _decide(self, item: _Item, outcome: Outcome) -> Decision:
+        if outcome.status is OutcomeStatus.APPLIED:
+            return Decision.ack()
+        self.stats.failed += 1
+        verdict = Verdict.RETRY if outcome.status is OutcomeStatus.TRANSIENT else Verdict.DEAD
+        self._log.warning("record_failed", event_id=item.event_id, key=item.record_key,
+                          verdict=verdict.value, error=outcome.error, code=outcome.code)
+        return Decision(verdict, error=outcome.error, retry_after=outcome.retry_after,
+                        error_class="RecordRejected" if verdict is Verdict.DEAD else "Transient",
+                        response=outcome.code)
+
+    def _dead(self, delivery: Delivery, exc: BusError) -> Decision:
+        self.stats.failed += 1
+        self._log.warning("event_rejected", message_id=delivery.message_id,
+                          error=exc.message, error_class=type(exc).__name__)
+        return Decision(Verdict.DEAD, error=exc.message, error_class=type(exc).__name__)
+
+    def _fail(self, delivery: Delivery, exc: BusError) -> Decision:
+        if isinstance(exc, PermanentError):
+            return self._dead(delivery, exc)
+        return Decision(Verdict.RETRY, error=exc.message, error_class=type(exc).__name__,
+                        retry_after=getattr(exc, "retry_after", None))
+
+
+def _newer(a: Any, b: Any) -> bool:
+    """True when version ``a`` is newer than ``b`` (ints compare; otherwise arrival order)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a > b
+    return False

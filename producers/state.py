@@ -1,0 +1,193 @@
+"""The state store: detector cursors and applied versions (SQLAlchemy Core).
+
+SQLite file by default; PostgreSQL (by URL) when several workers share the state.
+
+Tables:
+  ``syncbus_checkpoints`` — one cursor per detector (connection + entity), committed
+  only after the broker confirmed the page (the cursor rule).
+  ``syncbus_applied`` — per link and target record, the source version last applied
+  (the ordering rule).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from bus.redact import redact_url
+from connectors.base import ConnectorUnavailable
+
+__all__ = ["AppliedGuard", "StateStore"]
+
+metadata = sa.MetaData()
+
+checkpoints = sa.Table(
+    "syncbus_checkpoints",
+    metadata,
+    sa.Column("detector", sa.String(200), primary_key=True),
+    sa.Column("cursor", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_change_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+applied = sa.Table(
+    "syncbus_applied",
+    metadata,
+    sa.Column("link", sa.String(200), primary_key=True),
+    sa.Column("record_key", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StateStore:
+    """Access to the state tables; thread-safe (one pooled engine).
+
+    Args:
+        url: SQLAlchemy URL of the state store.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.safe_url = redact_url(url)
+        parsed = sa.make_url(url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, **_engine_args(self.dialect))
+        if self.dialect == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            metadata.create_all(self.engine)
+        except sa.exc.OperationalError as exc:
+            raise ConnectorUnavailable(f"state store {self.safe_url} unreachable: {exc.orig}") from exc
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def load_cursor(self, detector: str) -> str | None:
+        """The committed cursor of ``detector``, or None before its first page."""
+        with self.engine.connect() as conn:
+            return conn.scalar(
+                sa.select(checkpoints.c.cursor).where(checkpoints.c.detector == detector)
+            )
+
+    def save_cursor(self, detector: str, cursor: str, *, changes: int = 0) -> None:
+        """Commit ``cursor`` for ``detector`` (call only after the page was confirmed)."""
+        now = _now()
+        values = {"cursor": cursor, "updated_at": now}
+        if changes:
+            values["last_change_at"] = now
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                checkpoints.update().where(checkpoints.c.detector == detector).values(**values)
+            ).rowcount
+            if not done:
+                conn.execute(checkpoints.insert().values(detector=detector, **values))
+
+    # -- applied versions ---------------------------------------------------------------
+
+    @contextmanager
+    def guard(self, link: str, keys: Sequence[str]) -> Iterator[AppliedGuard]:
+        """Lock ``keys`` of ``link`` for one batch and expose their applied versions.
+
+        While the block runs no other worker applies the same records, so "compare
+        versions, write the target, record the versions" is atomic across competing
+        consumers. Versions recorded with :meth:`AppliedGuard.record` are committed
+        when the block exits without error.
+        """
+        with self.engine.connect() as conn:
+            with conn.begin():
+                self._lock(conn, link, keys)
+                rows = conn.execute(
+                    sa.select(applied.c.record_key, applied.c.version).where(
+                        applied.c.link == link, applied.c.record_key.in_(list(keys))
+                    )
+                ).all() if keys else []
+                guard = AppliedGuard({k: v for k, v in rows})
+                yield guard
+                self._save(conn, link, guard)
+
+    def applied_version(self, link: str, key: str) -> int | None:
+        """The version last applied for one record (for tooling and tests)."""
+        with self.engine.connect() as conn:
+            return conn.scalar(
+                sa.select(applied.c.version).where(
+                    applied.c.link == link, applied.c.record_key == key
+                )
+            )
+
+    def _lock(self, conn: Connection, link: str, keys: Sequence[str]) -> None:
+        if self.dialect == "sqlite":
+            # Take the write lock now: SQLite then serializes competing batches.
+            conn.exec_driver_sql("UPDATE syncbus_checkpoints SET cursor = cursor WHERE 0")
+            return
+        if self.dialect == "postgresql" and keys:
+            ids = sorted({zlib.crc32(f"{link}\x1f{k}".encode()) for k in keys})
+            conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(1937, v) FROM unnest(CAST(:ids AS int[])) AS v"),
+                {"ids": [i - 2**31 for i in ids]},
+            )
+
+    def _save(self, conn: Connection, link: str, guard: AppliedGuard) -> None:
+        if not guard.updates:
+            return
+        now = _now()
+        existing = guard.updates.keys() & guard.known.keys()
+        fresh = [
+            {"link": link, "record_key": k, "version": v, "applied_at": now}
+            for k, v in guard.updates.items() if k not in existing
+        ]
+        if existing:
+            conn.execute(
+                applied.update()
+                .where(applied.c.link == sa.bindparam("b_link"))
+                .where(applied.c.record_key == sa.bindparam("b_key"))
+                .values(version=sa.bindparam("b_version"), applied_at=now),
+                [{"b_link": link, "b_key": k, "b_version": guard.updates[k]} for k in existing],
+            )
+        if fresh:
+            conn.execute(applied.insert(), fresh)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class AppliedGuard:
+    """Applied versions of one locked batch; see :meth:`StateStore.guard`."""
+
+    def __init__(self, known: Mapping[str, int]) -> None:
+        self.known = dict(known)
+        self.updates: dict[str, int] = {}
+
+    def is_stale(self, key: str, version: int) -> bool:
+        """True when a version newer than or equal to ``version`` was already applied."""
+        seen = self.known.get(key)
+        return seen is not None and version <= seen
+
+    def record(self, key: str, version: int) -> None:
+        """Remember ``version`` as applied for ``key`` (committed with the batch)."""
+        if version > self.updates.get(key, -1):
+            self.updates[key] = version
+
+
+def _engine_args(dialect: str) -> dict[str, object]:
+    if dialect == "sqlite":
+        return {"connect_args": {"timeout": 60, "check_same_thread": False}}
+    return {"pool_size": 10, "max_overflow": 10}
+
+
+def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
+    cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
