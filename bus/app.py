@@ -24,6 +24,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_TIMEOUT",
+    "demo",
     "run",
     "setup",
     "setup_logging",
@@ -129,6 +130,13 @@ def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
         return EXIT_FAILED
     finally:
         worker.close()
+
+
+def demo(directory: Path, *, rows: int, amqp_url: str, echo: Echo = print) -> int:
+    """The SQLite → SQLite demo (see ``bus.demo``)."""
+    from bus.demo import run_demo
+
+    return run_demo(directory, rows=rows, amqp_url=amqp_url, echo=echo)
 
 
 def _signal_stop() -> threading.Event:

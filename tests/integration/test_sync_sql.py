@@ -1,0 +1,219 @@
+"""The whole path between SQL databases: detect → publish → consume → upsert.
+
+Real RabbitMQ (a vhost per test), real PostgreSQL (a database per test), SQLite files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pika
+import pytest
+import sqlalchemy as sa
+
+from bus import app
+from bus.publisher import OutMessage, Publisher
+from bus.topology import CHANGES_EXCHANGE, DEAD_QUEUE
+from connectors.sql import SqlConnector
+from producers.state import StateStore
+from schemas.event import ChangeEvent, dumps, new_event, routing_key
+from tests.support import wait_for
+from tests.syncenv import insert_items, make_env, stop, syncbus, table_rows
+
+pytestmark = pytest.mark.integration
+
+
+def _sync(env, echo=None) -> int:
+    lines: list[str] = []
+    code = app.run(env.config_path, until_idle=True, max_wait=120, echo=(echo or lines.append))
+    assert code == app.EXIT_OK, "\n".join(lines)
+    return code
+
+
+def _setup(env) -> None:
+    lines: list[str] = []
+    assert app.setup(env.config_path, echo=lines.append) == app.EXIT_OK, lines
+
+
+def _mutate(engine: sa.Engine) -> None:
+    """3,000 updates and 1,000 deletes, spread over the table."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE items SET name = name || '-u', qty = qty + 1, "
+                             "price = price + 1.5 WHERE id % 10 < 3"))
+        conn.execute(sa.text("DELETE FROM items WHERE id % 10 = 9"))
+
+
+@pytest.mark.parametrize("direction", ["sqlite_to_pg", "pg_to_sqlite"])
+def test_inserts_updates_deletes_reach_the_target_exactly(direction, tmp_path, pg_url, amqp_url):
+    sqlite = f"sqlite:///{tmp_path}/lite.db"
+    source, target = (sqlite, pg_url) if direction == "sqlite_to_pg" else (pg_url, sqlite)
+    env = make_env(tmp_path, source_url=source, target_url=target, amqp_url=amqp_url)
+    src, dst = env.source(), env.target()
+    insert_items(src, range(1, 10_001))
+    _setup(env)
+
+    _sync(env)
+    assert len(table_rows(dst)) == 10_000
+    assert table_rows(dst) == table_rows(src)
+
+    _mutate(src)
+    _sync(env)
+    expected = table_rows(src)
+    assert len(expected) == 9_000
+    assert sum(1 for v in expected.values() if v[0].endswith("-u")) == 3_000
+    assert table_rows(dst) == expected
+
+
+def test_rejected_row_goes_to_the_dead_letter_queue_and_its_batch_is_applied(
+        tmp_path, pg_url, amqp_url):
+    env = make_env(
+        tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
+        amqp_url=amqp_url,
+        source_ddl="CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, "
+                   "price NUMERIC, updated TIMESTAMP)",
+    )
+    src, dst = env.source(), env.target()
+    insert_items(src, range(1, 51))
+    with src.begin() as conn:
+        conn.execute(sa.text("UPDATE items SET name = NULL WHERE id = 17"))
+    _setup(env)
+
+    lines: list[str] = []
+    code = app.run(env.config_path, until_idle=True, max_wait=60, echo=lines.append)
+
+    assert code == app.EXIT_FAILED
+    assert any("1 change(s) went to the dead-letter queue" in line for line in lines), lines
+    rows = table_rows(dst)
+    assert len(rows) == 49 and 17 not in rows
+    dead = _drain(amqp_url, DEAD_QUEUE)
+    assert len(dead) == 1
+    props, body = dead[0]
+    event = json.loads(body)
+    assert event["data"]["key"] == {"id": 17}
+    assert "null value" in props.headers["x-syncbus-error"]  # PostgreSQL's own text
+    assert props.headers["x-syncbus-link"] == "items"
+    assert props.headers["x-syncbus-routing-key"] == "src.items.upsert"
+    assert props.headers["x-syncbus-attempts"] == 1
+
+
+def test_duplicate_and_out_of_order_events_leave_the_target_equal_to_the_source(
+        tmp_path, pg_url, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
+                   amqp_url=amqp_url)
+    src, dst = env.source(), env.target()
+    insert_items(src, range(1, 201))
+    _setup(env)
+    _sync(env)
+
+    # Capture every intermediate version of rows edited three times, then deleted/re-inserted.
+    connector = SqlConnector("src", env.source_url)
+    state = StateStore(f"sqlite:///{tmp_path}/state.db")
+    cursor = state.load_cursor("src.items")
+    events = []
+    for round_ in range(3):
+        with src.begin() as conn:
+            conn.execute(sa.text("UPDATE items SET qty = qty + 1000, name = :n WHERE id <= 100"),
+                         {"n": f"round-{round_}"})
+            if round_ == 1:
+                conn.execute(sa.text("DELETE FROM items WHERE id > 180"))
+        for page in connector.read_changes("items", cursor, 500):
+            cursor = page.next_cursor
+            for rec in page.records:
+                events.append(new_event(connection="src", entity="items", op=rec.op.value,
+                                        key=rec.key, version=rec.version, record=rec.values,
+                                        modified_at=None, cursor=None))
+    state.save_cursor("src.items", cursor)  # the detector will not publish these itself
+    connector.close()
+    assert len(events) == 320
+    for event in events[:5]:
+        ChangeEvent.model_validate(event)
+
+    shuffled = events + random.Random(3).sample(events, 150)  # duplicates
+    random.Random(4).shuffle(shuffled)
+    publisher = Publisher(amqp_url)
+    publisher.publish_batch([
+        OutMessage(CHANGES_EXCHANGE, routing_key("src", "items", e["data"]["op"]), dumps(e),
+                   message_id=e["id"]) for e in shuffled
+    ])
+    publisher.close()
+
+    _sync(env)
+    assert table_rows(dst) == table_rows(src)
+    assert all(v[0] == "round-2" for k, v in table_rows(dst).items() if k <= 100)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_sync_then_restarted_loses_nothing(tmp_path, pg_url, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
+                   amqp_url=amqp_url, link={"page_size": 1000, "batch_size": 200})
+    src, dst = env.source(), env.target()
+    insert_items(src, range(1, 50_001))
+    _setup(env)
+
+    proc = syncbus("run", "--config", str(env.config_path), "--log-level", "warning")
+    count = lambda: len(table_rows(dst, columns=("id", "name")))  # noqa: E731
+    try:
+        wait_for(lambda: count() > 5_000, timeout=120, message="worker never applied 5,000 rows")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    partial = count()
+    assert partial < 50_000, "the kill came too late to prove anything"
+
+    _sync(env)
+    assert table_rows(dst) == table_rows(src)
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_sync_publishers_and_consumers_reconnect(
+        tmp_path, pg_url, rabbit_node):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
+                   amqp_url=rabbit_node.url, link={"page_size": 500, "batch_size": 100})
+    src, dst = env.source(), env.target()
+    insert_items(src, range(1, 20_001))
+    _setup(env)
+
+    proc = syncbus("run", "--config", str(env.config_path), "--log-level", "warning")
+    try:
+        count = lambda: len(table_rows(dst, columns=("id", "name")))  # noqa: E731
+        wait_for(lambda: count() > 1_000, timeout=120, message="worker never started applying")
+        rabbit_node.stop()
+        with src.begin() as conn:  # changes made while the broker is down
+            conn.execute(sa.text("UPDATE items SET qty = -1 WHERE id % 7 = 0"))
+        rabbit_node.start()
+        wait_for(lambda: table_rows(dst) == table_rows(src), timeout=180, interval=2,
+                 message="target never caught up with the source after the broker restart")
+    finally:
+        code, out = stop(proc)
+    assert code == 0, out
+
+
+def _drain(amqp_url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = conn.channel()
+        out = []
+        while True:
+            method, props, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return out
+            out.append((props, body))
+    finally:
+        conn.close()
+
+
+def test_config_errors_stop_run_with_exit_code_2(tmp_path, amqp_url):
+    path = Path(tmp_path, "bad.yaml")
+    path.write_text("connections:\n  a: {type: sql, url: 'sqlite:///x.db'}\nlinks:\n"
+                    "  l:\n    source: {connection: a, entity: t}\n"
+                    "    target: {connection: b, entity: t}\n")
+    lines: list[str] = []
+    assert app.run(path, until_idle=True, echo=lines.append) == app.EXIT_CONFIG
+    text = "\n".join(lines)
+    assert "bad.yaml:4" in text and "key" in text, text
