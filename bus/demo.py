@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from bus import app
@@ -70,7 +70,7 @@ def run_demo(directory: Path, *, rows: int, amqp_url: str, echo: Callable[[str],
     rng = random.Random(7)
     with sqlite3.connect(directory / "crm.db") as db:
         db.execute(_SOURCE_DDL)
-        db.executemany("INSERT INTO customers VALUES (?,?,?,?,?,?)",
+        db.executemany("INSERT INTO customers (id, name, email, country, status, credit_limit) VALUES (?,?,?,?,?,?)",
                        [_customer(i, rng) for i in range(1, rows + 1)])
     with sqlite3.connect(directory / "erp.db") as db:
         db.execute(_TARGET_DDL)
@@ -90,7 +90,7 @@ def run_demo(directory: Path, *, rows: int, amqp_url: str, echo: Callable[[str],
         db.execute("UPDATE customers SET status = 'I', credit_limit = credit_limit + 100.4 "
                    "WHERE id <= ?", (changed,))
         db.execute("DELETE FROM customers WHERE id > ?", (rows - max(1, rows // 50),))
-        db.executemany("INSERT INTO customers VALUES (?,?,?,?,?,?)",
+        db.executemany("INSERT INTO customers (id, name, email, country, status, credit_limit) VALUES (?,?,?,?,?,?)",
                        [_customer(i, rng) for i in range(rows + 1, rows + 21)])
     echo(f"4. edited the source with plain SQL: {changed} updated, {max(1, rows // 50)} deleted, "
          "20 inserted")
@@ -125,7 +125,7 @@ def _check(directory: Path, echo: Callable[[str], None]) -> bool:
             "SELECT client_id, name, email, country, status, credit, origin FROM clients")}
     expected = {
         i: (name.strip(), email.lower() if email else None, (country or "sk").upper(),
-            _STATUS[status], round(Decimal(str(credit))), "crm")
+            _STATUS[status], Decimal(str(credit)).quantize(Decimal(1), ROUND_HALF_UP), "crm")
         for i, name, email, country, status, credit in source
     }
     bad = [k for k, v in expected.items()
