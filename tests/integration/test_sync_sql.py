@@ -182,8 +182,10 @@ def test_broker_restart_mid_sync_publishers_and_consumers_reconnect(
     proc = syncbus("run", "--config", str(env.config_path), "--log-level", "warning")
     try:
         count = lambda: len(table_rows(dst, columns=("id", "name")))  # noqa: E731
-        wait_for(lambda: count() > 1_000, timeout=120, message="worker never started applying")
+        wait_for(lambda: count() > 1_000, timeout=120, interval=0.1,
+                 message="worker never started applying")
         rabbit_node.stop()
+        at_stop = count()
         with src.begin() as conn:  # changes made while the broker is down
             conn.execute(sa.text("UPDATE items SET qty = -1 WHERE id % 7 = 0"))
         rabbit_node.start()
@@ -192,6 +194,7 @@ def test_broker_restart_mid_sync_publishers_and_consumers_reconnect(
     finally:
         code, out = stop(proc)
     assert code == 0, out
+    assert at_stop < 20_000, "the broker stopped too late to interrupt the initial sync"
 
 
 def _drain(amqp_url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
