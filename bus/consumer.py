@@ -18,12 +18,11 @@ RabbitMQ dead-letters it once ``x-delivery-limit`` is reached.
 from __future__ import annotations
 
 import enum
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -194,7 +193,7 @@ class BatchConsumer:
                 conn.drain_events(timeout=BATCH_WAIT)
                 if len(self._buffer) < self.batch_size:
                     continue
-            except socket.timeout:
+            except TimeoutError:
                 conn.heartbeat_check()
                 if not self._buffer and self.stats.idle_since is None:
                     self.stats.idle_since = time.monotonic()
@@ -268,7 +267,7 @@ class BatchConsumer:
 
     def _copy(self, delivery: Delivery, decision: Decision) -> tuple[OutMessage, bool]:
         """The retry or dead-letter copy of ``delivery``, and whether it is dead."""
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         attempts = delivery.attempts + 1
         hdrs = dict(delivery.headers)
         hdrs.update({

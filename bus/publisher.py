@@ -13,6 +13,7 @@ are harmless because events carry deterministic ids.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -166,10 +167,8 @@ class Publisher:
                 conn.close()
             else:
                 conn.ioloop.stop()
-        try:
+        with contextlib.suppress(Exception):  # the loop may already be gone
             conn.ioloop.add_callback_threadsafe(stop)
-        except Exception:  # noqa: BLE001 - the loop may already be gone
-            pass
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -121,7 +121,7 @@ class MappingError(PermanentError):
     """A field map could not be applied to a record (missing key, bad transform input)."""
 
 
-class Op(str, enum.Enum):
+class Op(enum.StrEnum):
     """What happened to a record."""
 
     UPSERT = "upsert"
@@ -208,7 +208,7 @@ class WriteRow:
     values: dict[str, Any]
 
 
-class OutcomeStatus(str, enum.Enum):
+class OutcomeStatus(enum.StrEnum):
     APPLIED = "applied"
     TRANSIENT = "transient"
     PERMANENT = "permanent"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -47,7 +47,7 @@ applied = sa.Table(
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class StateStore:
@@ -105,17 +105,16 @@ class StateStore:
         consumers. Versions recorded with :meth:`AppliedGuard.record` are committed
         when the block exits without error.
         """
-        with self.engine.connect() as conn:
-            with conn.begin():
-                self._lock(conn, link, keys)
-                rows = conn.execute(
-                    sa.select(applied.c.record_key, applied.c.version).where(
-                        applied.c.link == link, applied.c.record_key.in_(list(keys))
-                    )
-                ).all() if keys else []
-                guard = AppliedGuard({k: v for k, v in rows})
-                yield guard
-                self._save(conn, link, guard)
+        with self.engine.connect() as conn, conn.begin():
+            self._lock(conn, link, keys)
+            rows = conn.execute(
+                sa.select(applied.c.record_key, applied.c.version).where(
+                    applied.c.link == link, applied.c.record_key.in_(list(keys))
+                )
+            ).all() if keys else []
+            guard = AppliedGuard({k: v for k, v in rows})
+            yield guard
+            self._save(conn, link, guard)
 
     def applied_version(self, link: str, key: str) -> int | None:
         """The version last applied for one record (for tooling and tests)."""

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import uuid
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -159,7 +159,7 @@ def new_event(
     The result validates against :class:`ChangeEvent`; tests check that it does.
     """
     json_key = {k: json_value(v) for k, v in key.items()}
-    when = detected_at or datetime.now(timezone.utc)
+    when = detected_at or datetime.now(UTC)
     return {
         "specversion": "1.0",
         "id": event_id(connection, entity, key, version),

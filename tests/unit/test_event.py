@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from schemas.event import ChangeEvent, dumps, event_id, new_event, routing_key
@@ -12,7 +12,7 @@ from schemas.event import ChangeEvent, dumps, event_id, new_event, routing_key
 def _event(**over):
     args = dict(connection="crm", entity="customers", op="upsert", key={"id": 7}, version=42,
                 record={"id": 7, "name": "Anna", "credit": Decimal("10.50"),
-                        "seen": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+                        "seen": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
                         "blob": b"\x00\x01"},
                 modified_at=None, cursor="41")
     args.update(over)
