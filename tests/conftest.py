@@ -44,7 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
-from tests.rabbit_node import RabbitNode, RabbitNodeError
+from tests.rabbit_node import RabbitNode, RabbitNodeError, sweep_stale_dirs
 from tests.support import port_is_open, wait_for
 
 __all__ = ["wait_for"]  # re-exported for convenience; prefer `from tests.support import ...`
@@ -143,7 +143,11 @@ class _CtlAdmin:
 
     def add_vhost(self, vhost: str, user: str) -> None:
         self._run("add_vhost", vhost)
-        self._run("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        try:
+            self._run("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        except Exception:
+            self._run("delete_vhost", vhost)
+            raise
 
     def delete_vhost(self, vhost: str) -> None:
         self._run("delete_vhost", vhost)
@@ -156,15 +160,14 @@ class _CtlAdmin:
         CLI reaches must have an AMQP listener on the URL's port.
         """
         host, port = _amqp_host_port(url)
-        if host not in _LOOPBACK_HOSTS or shutil.which("rabbitmqctl") is None:
+        if host not in _LOOPBACK_HOSTS:
             return None
-        diagnostics = "rabbitmq-diagnostics" if shutil.which("rabbitmq-diagnostics") else None
-        if diagnostics is None:
+        if not (shutil.which("rabbitmqctl") and shutil.which("rabbitmq-diagnostics")):
             return None
         node_args = ["-n", node] if node else []
         try:
             result = subprocess.run(
-                [diagnostics, *node_args, "-q", "check_port_listener", str(port)],
+                ["rabbitmq-diagnostics", *node_args, "-q", "check_port_listener", str(port)],
                 capture_output=True, timeout=60, check=False,
             )
         except (OSError, subprocess.TimeoutExpired):
@@ -185,7 +188,11 @@ class _ContainerAdmin:
 
     def add_vhost(self, vhost: str, user: str) -> None:
         self._run("add_vhost", vhost)
-        self._run("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        try:
+            self._run("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        except Exception:
+            self._run("delete_vhost", vhost)
+            raise
 
     def delete_vhost(self, vhost: str) -> None:
         self._run("delete_vhost", vhost)
@@ -266,6 +273,12 @@ def amqp_broker() -> Iterator[AmqpBroker]:
     env_url = os.environ.get(AMQP_ENV)
     broker: AmqpBroker
     if env_url:
+        if not port_is_open(*_amqp_host_port(env_url), timeout=5):
+            pytest.fail(
+                f"${AMQP_ENV} points to {_amqp_host_port(env_url)}, which does not accept "
+                f"connections.\n\n{_AMQP_HOWTO}",
+                pytrace=False,
+            )
         node = os.environ.get(RABBIT_NODE_ENV) or None
         broker = AmqpBroker(env_url, f"${AMQP_ENV}", _CtlAdmin.probe(env_url, node))
     elif port_is_open("127.0.0.1", 5672):
@@ -300,7 +313,7 @@ def amqp_url(amqp_broker: AmqpBroker) -> Iterator[str]:
     that only this test uses; the vhost and everything in it is deleted afterwards.
 
     The vhost is percent-encoded in the URL path; ``pika.URLParameters`` and kombu
-    both accept it. Costs roughly 1 s of ``rabbitmqctl`` per test.
+    both accept it. Costs about 0.5-1 s of ``rabbitmqctl`` calls per test.
 
     Fallback: if ``rabbitmqctl`` cannot manage the broker (e.g. a remote broker from
     ``$SYNCBUS_TEST_AMQP_URL`` without ``$SYNCBUS_TEST_RABBITMQ_NODE``), this is the
@@ -331,6 +344,7 @@ def rabbit_node() -> Iterator[RabbitNode]:
     default vhost). Starting takes ~4 s. It is always killed and its directory
     removed afterwards. Needs the rabbitmq-server package and root (or running
     as the broker's own OS user)."""
+    sweep_stale_dirs()
     try:
         node = RabbitNode()
     except RabbitNodeError as exc:
