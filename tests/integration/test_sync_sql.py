@@ -9,6 +9,8 @@ import json
 import os
 import random
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pika
@@ -16,11 +18,14 @@ import pytest
 import sqlalchemy as sa
 
 from bus import app
+from bus.config import load_config
 from bus.publisher import OutMessage, Publisher
 from bus.topology import CHANGES_EXCHANGE, DEAD_QUEUE
+from bus.worker import Worker
 from connectors.sql import SqlConnector
 from producers.state import StateStore
 from schemas.event import ChangeEvent, dumps, new_event, routing_key
+from tests.proxy import TcpProxy
 from tests.support import wait_for
 from tests.syncenv import insert_items, make_env, stop, syncbus, table_rows
 
@@ -220,3 +225,40 @@ def test_config_errors_stop_run_with_exit_code_2(tmp_path, amqp_url):
     assert app.run(path, until_idle=True, echo=lines.append) == app.EXIT_CONFIG
     text = "\n".join(lines)
     assert "bad.yaml:4" in text and "key" in text, text
+
+
+def test_target_outage_is_retried_with_delay_and_delivered_once_it_is_back(
+        tmp_path, pg_url, amqp_url):
+    url = sa.make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=proxied,
+                   amqp_url=amqp_url,
+                   link={"retry": {"delays": [0.5, 1, 2], "max_attempts": 30}})
+    src, dst = env.source(), sa.create_engine(pg_url)
+    insert_items(src, range(1, 2_001))
+    _setup(env)
+    worker = Worker(load_config(env.config_path).config)
+    worker.open()
+    stop_event = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop_event,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(table_rows(dst)) == 2_000, timeout=60, message="initial sync")
+        proxy.cut()
+        with src.begin() as conn:
+            conn.execute(sa.text("UPDATE items SET qty = -5 WHERE id <= 500"))
+        consumer = worker.consumers[0][0]
+        wait_for(lambda: consumer.stats.retried > 0, timeout=30,
+                 message="the outage never caused a retry")
+        time.sleep(2)
+        proxy.restore()
+        wait_for(lambda: table_rows(dst) == table_rows(src), timeout=60,
+                 message="target never caught up after the outage")
+    finally:
+        stop_event.set()
+        thread.join(30)
+        worker.close()
+        proxy.close()
+    assert consumer.stats.dead == 0
+    assert not thread.is_alive()
