@@ -22,25 +22,39 @@ Example::
           status: {from: status, map: {A: active, I: inactive}}
           credit: {from: credit_limit, transform: [{round: 2}]}
 
-These models only check shape; checks that need the live systems (unknown table or
-column, missing unique key on the target) are made by ``bus.validate``.
+These models only check shape; ``bus.config`` loads the file (interpolating
+``${VAR}`` and ``${file:/run/secrets/x}``) and turns validation errors into located
+messages, and checks that need the live systems (unknown table or column, missing
+unique key on the target) are made by ``bus.validate``. The file format is
+documented in ``docs/configuration.md``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import difflib
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from schemas.event import NAME_PATTERN
 
 __all__ = [
+    "BrokerConfig",
+    "CONNECTION_TYPES",
+    "ConnectionConfig",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_RETRY_DELAYS",
-    "BrokerConfig",
-    "ConnectionConfig",
     "Endpoint",
     "FieldSpec",
     "LinkConfig",
@@ -48,7 +62,9 @@ __all__ = [
     "SqlConnection",
     "StateConfig",
     "SyncConfig",
+    "TRANSFORMS",
     "Transform",
+    "map_key",
 ]
 
 #: Seconds between two polls of one source entity.
@@ -59,8 +75,33 @@ DEFAULT_PAGE_SIZE = 2000
 DEFAULT_BATCH_SIZE = 500
 #: Delays (seconds) of the retry tiers; the last one repeats until attempts run out.
 DEFAULT_RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 600.0)
+#: Connection ``type`` values this version understands (``type`` defaults to ``sql``).
+CONNECTION_TYPES = ("sql",)
+#: Transforms written as a bare word; ``{round: N}`` is the one with a parameter.
+TRANSFORMS = ("upper", "lower", "strip")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+
+
+def map_key(value: Any) -> str:
+    """The text a value-map key and a record value are compared by.
+
+    Strings compare as written, ``true``/``false`` in lower case, numbers by their
+    shortest form (``1`` and ``1.0`` both match the key ``1``).
+
+    Args:
+        value: A key of a ``map`` in the config, or a record value.
+
+    Returns:
+        The comparison text.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 class _Model(BaseModel):
@@ -86,7 +127,9 @@ class BrokerConfig(_Model):
     @classmethod
     def _amqp_url(cls, v: str) -> str:
         if not v.startswith(("amqp://", "amqps://")):
-            raise ValueError("must be an AMQP URL starting with amqp:// or amqps://")
+            scheme = v.partition("://")[0] if "://" in v else ""
+            got = f" (got {scheme}://)" if scheme.isalnum() else ""
+            raise ValueError(f"must be an AMQP URL starting with amqp:// or amqps://{got}")
         return v
 
 
@@ -109,7 +152,20 @@ class SqlConnection(_Model):
     )
 
 
-ConnectionConfig = Annotated[SqlConnection, Field(discriminator="type")]
+def _connection_type(value: Any) -> str | None:
+    """Discriminator: the ``type`` of a connection (``sql`` when omitted), None if unknown."""
+    kind = value.get("type", "sql") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in CONNECTION_TYPES else None
+
+
+ConnectionConfig = Annotated[
+    Union[Annotated[SqlConnection, Tag("sql")]],  # noqa: UP007 - more types will join
+    Discriminator(
+        _connection_type,
+        custom_error_type="connection_type",
+        custom_error_message="needs a known `type` (" + ", ".join(CONNECTION_TYPES) + ")",
+    ),
+]
 
 
 class Endpoint(_Model):
@@ -124,13 +180,52 @@ class Transform(_Model):
 
     round: int | None = Field(default=None, ge=0, le=12, description="Round to N decimals.")
 
+    @model_validator(mode="after")
+    def _one_parameter(self) -> Transform:
+        if self.round is None:
+            raise ValueError("a transform with a parameter needs it, e.g. {round: 2}")
+        return self
 
-TransformSpec = Literal["upper", "lower", "strip"] | Transform
+
+def _known_transform(value: Any) -> Any:
+    if isinstance(value, str) and value not in TRANSFORMS:
+        hint = difflib.get_close_matches(value.lower(), TRANSFORMS, n=1)
+        did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+        raise ValueError(
+            f"unknown transform {value!r} ({did_you_mean}allowed: upper, lower, strip, {{round: N}})"
+        )
+    return value
+
+
+def _transform_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "name"
+    return "param" if isinstance(value, dict | Transform) else None
+
+
+TransformSpec = Annotated[
+    Union[  # noqa: UP007 - tagged members
+        Annotated[Literal["upper", "lower", "strip"], BeforeValidator(_known_transform), Tag("name")],
+        Annotated[Transform, Tag("param")],
+    ],
+    Discriminator(
+        _transform_tag,
+        custom_error_type="transform",
+        custom_error_message="a transform is upper, lower, strip or {round: N}",
+    ),
+]
+
 
 class FieldSpec(_Model):
-    """How one target field gets its value."""
+    """How one target field gets its value.
 
-    from_: str | None = Field(default=None, alias="from", description="Source field to read.")
+    The value is read from ``from`` (or is ``const``), replaced by ``default`` when
+    null or absent, passed through ``transform`` in order, then through ``map``.
+    """
+
+    from_: str | None = Field(
+        default=None, alias="from", min_length=1, description="Source field to read."
+    )
     const: Any = Field(default=None, description="A constant value (instead of `from`).")
     default: Any = Field(default=None, description="Used when the source value is null or absent.")
     transform: list[TransformSpec] = Field(
@@ -150,13 +245,46 @@ class FieldSpec(_Model):
         """True when a constant was given (even ``const: null``)."""
         return "const" in self.model_fields_set
 
+    @field_validator("map", mode="before")
+    @classmethod
+    def _text_keys(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        if any(k is None for k in v):
+            raise ValueError("null cannot be a map key; use `default` for null values")
+        return {map_key(k): value for k, value in v.items()}
+
     @model_validator(mode="after")
     def _one_source(self) -> FieldSpec:
+        given = self.model_fields_set
         if self.has_const and self.from_ is not None:
             raise ValueError("give either `from` or `const`, not both")
         if not self.has_const and self.from_ is None:
             raise ValueError("needs `from` (a source field) or `const` (a constant)")
+        if self.has_const and given & {"default", "transform", "map", "unmapped"}:
+            raise ValueError("a `const` takes no default, transform, map or unmapped")
+        if "unmapped" in given and self.map is None:
+            raise ValueError("`unmapped` needs a `map`")
         return self
+
+
+def _spec_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "name"
+    return "spec" if isinstance(value, dict | FieldSpec) else None
+
+
+FieldSource = Annotated[
+    Union[  # noqa: UP007 - tagged members
+        Annotated[str, Field(min_length=1), Tag("name")],
+        Annotated[FieldSpec, Tag("spec")],
+    ],
+    Discriminator(
+        _spec_tag,
+        custom_error_type="field_spec",
+        custom_error_message="must be a source field name or a mapping like {from: name}",
+    ),
+]
 
 
 class RetryPolicy(_Model):
@@ -184,8 +312,10 @@ class LinkConfig(_Model):
 
     source: Endpoint
     target: Endpoint
-    key: list[str] = Field(min_length=1, description="Source field(s) identifying a record.")
-    fields: dict[str, str | FieldSpec] | None = Field(
+    key: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="Source field(s) identifying a record; one name or a list."
+    )
+    fields: dict[str, FieldSource] | None = Field(
         default=None,
         description="Target field → source field name or spec. Omitted: every source field "
         "is copied to the target field of the same name.",
@@ -199,8 +329,32 @@ class LinkConfig(_Model):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     enabled: bool = True
 
+    @field_validator("key", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("key")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        twice = sorted({k for k in v if v.count(k) > 1})
+        if twice:
+            raise ValueError(f"key field(s) listed twice: {', '.join(twice)}")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _not_empty(cls, v: dict[str, str | FieldSpec] | None) -> dict[str, str | FieldSpec] | None:
+        if v is not None and not v:
+            raise ValueError("maps no field; omit `fields` to copy same-named fields")
+        return v
+
     def field_specs(self) -> dict[str, FieldSpec] | None:
-        """The field map with every shorthand (``target: source``) expanded."""
+        """The field map with every shorthand (``target: source``) expanded.
+
+        Returns:
+            Target field → spec, in file order; None when ``fields`` is omitted.
+        """
         if self.fields is None:
             return None
         return {

@@ -1,0 +1,284 @@
+"""Semantic checks of a loaded config: URLs, and everything the live systems must confirm.
+
+``check_urls`` needs nothing but the config (run it before connecting anywhere);
+``validate_config`` also asks each connection to describe its entities and checks
+every link against that metadata: connections and entities exist, key and mapped
+fields exist on both sides, the key reaches a unique key of the target (so upserts
+are possible) and every required target field gets a value.
+
+Problems are located lines, ``FILE:LINE: links.customers.key: message``; an empty
+list means valid. URLs in messages are redacted.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from bus.config import LoadedConfig, Loc
+from bus.redact import redact_text, redact_url
+from connectors.base import BusError, EntityInfo, FieldInfo
+from schemas.config import Endpoint, LinkConfig, SqlConnection, SyncConfig
+
+__all__ = ["Describe", "SQL_DIALECTS", "check_urls", "validate_config"]
+
+#: Databases the SQL connector and the state store support.
+SQL_DIALECTS = ("postgresql", "sqlite")
+
+#: ``describe(connection_name)`` → that connection's entities by name.
+Describe = Callable[[str], Mapping[str, EntityInfo]]
+
+_ENCODE_HINT = ("; percent-encode special characters in the user name and password: "
+                "@ → %40, / → %2F, # → %23, ? → %3F, : → %3A")
+_SQL_EXAMPLE = "e.g. sqlite:///file.db or postgresql+psycopg://sync@db:5432/erp"
+
+
+def check_urls(loaded: LoadedConfig) -> list[str]:
+    """Check every URL of the config without connecting anywhere.
+
+    Args:
+        loaded: The loaded config.
+
+    Returns:
+        Located problems: a broker URL that does not parse, a SQL URL that SQLAlchemy
+        cannot parse, an unsupported database or a driver that is not installed.
+    """
+    return [loaded.problem(loc, msg) for loc, msg in _url_problems(loaded.config)]
+
+
+def validate_config(loaded: LoadedConfig, describe: Describe) -> list[str]:
+    """Check the config against the live systems.
+
+    Each connection is described at most once. A connection that cannot be described
+    (unreachable, bad credentials) is one problem, and the checks that need its
+    metadata are skipped. Disabled links are only checked for known connections.
+
+    Args:
+        loaded: The loaded config.
+        describe: Returns a connection's entities by name; may raise ``BusError``
+            (e.g. ``ConnectorUnavailable``) or any driver error.
+
+    Returns:
+        Located problems, in file order; empty when the config is valid.
+    """
+    found = _url_problems(loaded.config)
+    bad_urls = {str(loc[1]) for loc, _ in found if loc[0] == "connections"}
+    checker = _LinkChecker(loaded.config, describe, bad_urls)
+    for name, link in loaded.config.links.items():
+        checker.check(name, link)
+    found += checker.found
+    found.sort(key=lambda item: loaded.line_of(item[0]) or 0)
+    return [loaded.problem(loc, msg) for loc, msg in found]
+
+
+# -- URLs ------------------------------------------------------------------------------
+
+
+def _url_problems(cfg: SyncConfig) -> list[tuple[Loc, str]]:
+    found: list[tuple[Loc, str | None]] = [
+        (("broker", "url"), _amqp_problem(cfg.broker.url)),
+        (("state", "url"), _sql_problem(cfg.state.url)),
+    ]
+    for name, conn in cfg.connections.items():
+        if isinstance(conn, SqlConnection):
+            found.append((("connections", name, "url"), _sql_problem(conn.url)))
+    return [(loc, msg) for loc, msg in found if msg]
+
+
+def _amqp_problem(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        return "must be an AMQP URL starting with amqp:// or amqps://"
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return f"cannot parse the AMQP URL: the port is not a number{_ENCODE_HINT}"
+    if parts.fragment or (parts.query and "@" in parts.query):
+        return f"cannot parse the AMQP URL: stray '#' or '?'{_ENCODE_HINT}"
+    if not parts.hostname:
+        return "cannot parse the AMQP URL: it names no host (amqp://user:password@host:5672/vhost)"
+    if parts.path.count("/") > 1:
+        return "the virtual host must be one path segment (write / inside it as %2F)"
+    return None
+
+
+def _sql_problem(url: str) -> str | None:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return f"is not a SQLAlchemy URL ({_SQL_EXAMPLE})"
+    except ValueError:
+        return f"cannot parse the SQL URL: the port is not a number{_ENCODE_HINT}"
+    backend = parsed.get_backend_name()
+    if backend not in SQL_DIALECTS:
+        return (f"unsupported database {backend!r} (supported: {', '.join(SQL_DIALECTS)}; "
+                f"{_SQL_EXAMPLE})")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        return f"unknown driver {parsed.drivername!r} (use postgresql+psycopg or sqlite)"
+    except ImportError as exc:
+        return f"the driver of {parsed.drivername!r} is not installed ({exc})"
+    return None
+
+
+# -- links against the live metadata -----------------------------------------------------
+
+
+class _LinkChecker:
+    """Checks links, describing each connection once; collects (loc, message) pairs."""
+
+    def __init__(self, config: SyncConfig, describe: Describe, skip: set[str]) -> None:
+        self.config = config
+        self.describe = describe
+        self.skip = skip
+        self.found: list[tuple[Loc, str]] = []
+        self._entities: dict[str, Mapping[str, EntityInfo] | None] = {}
+
+    def check(self, name: str, link: LinkConfig) -> None:
+        base: Loc = ("links", name)
+        src = self._endpoint((*base, "source"), link.source.connection, link.source.entity,
+                             link.enabled)
+        tgt = self._endpoint((*base, "target"), link.target.connection, link.target.entity,
+                             link.enabled)
+        unknown_keys: list[str] = []
+        if src is not None:
+            unknown_keys = [k for k in link.key if src.field(k) is None]
+            for key in unknown_keys:
+                self._add((*base, "key", link.key.index(key)), f"key field {key!r} is not a "
+                          f"field of {_where(link.source)}{_hint(key, _names(src))}")
+        targets = self._field_map(base, link, src, tgt)
+        if targets is not None and not unknown_keys:
+            self._key_mapping(base, link, targets, tgt)
+        if tgt is not None and targets is not None:
+            self._required(base, link, targets, tgt)
+
+    def _endpoint(self, loc: Loc, conn: str, entity: str, live: bool) -> EntityInfo | None:
+        known = list(self.config.connections)
+        if conn not in known:
+            self._add((*loc, "connection"), f"unknown connection {conn!r} "
+                      f"({_did_you_mean(conn, known)}known: {_listing(known)})")
+            return None
+        entities = self._describe(conn) if live else None
+        if entities is None:
+            return None
+        info = entities.get(entity)
+        if info is None:
+            hint = _hint(entity, entities)
+            listing = f" (it has: {_listing(entities)})" if not hint and entities else ""
+            self._add((*loc, "entity"), f"entity {entity!r} not found in connection "
+                      f"{conn!r}{hint}{listing}")
+        return info
+
+    def _describe(self, conn: str) -> Mapping[str, EntityInfo] | None:
+        if conn in self._entities:
+            return self._entities[conn]
+        result: Mapping[str, EntityInfo] | None = None
+        if conn not in self.skip:
+            try:
+                result = self.describe(conn)
+            except Exception as exc:  # noqa: BLE001 - any failure is a problem to report
+                reason = exc.message if isinstance(exc, BusError) else f"{type(exc).__name__}: {exc}"
+                url = getattr(self.config.connections[conn], "url", "")
+                self._add(("connections", conn, "url"), f"cannot read the metadata of "
+                          f"{redact_url(url)}: {redact_text(reason)}")
+        self._entities[conn] = result
+        return result
+
+    def _field_map(self, base: Loc, link: LinkConfig, src: EntityInfo | None,
+                   tgt: EntityInfo | None) -> dict[str, str | None] | None:
+        """Check the field map; return target field → source field (None: constant)."""
+        specs = link.field_specs()
+        if specs is None:
+            if src is None or tgt is None:
+                return None
+            common = {f.name: f.name for f in src.fields if tgt.field(f.name) is not None}
+            if not common:
+                self._add(base, f"`fields` is omitted, so same-named fields are copied, but "
+                          f"{_where(link.source)} and {_where(link.target)} have no field name "
+                          "in common; add a `fields` map")
+            return dict(common)
+        targets: dict[str, str | None] = {}
+        for target, spec in specs.items():
+            loc = (*base, "fields", target)
+            if tgt is not None and tgt.field(target) is None:
+                self._add(loc, f"target field {target!r} is not a field of "
+                          f"{_where(link.target)}{_hint(target, _names(tgt))}")
+            if spec.from_ is not None and src is not None and src.field(spec.from_) is None:
+                from_loc = loc if isinstance((link.fields or {}).get(target), str) else (*loc, "from")
+                self._add(from_loc, f"source field {spec.from_!r} is not a field of "
+                          f"{_where(link.source)}{_hint(spec.from_, _names(src))}")
+            targets[target] = spec.from_
+        return targets
+
+    def _key_mapping(self, base: Loc, link: LinkConfig, targets: Mapping[str, str | None],
+                     tgt: EntityInfo | None) -> None:
+        columns: list[str] = []
+        for i, key in enumerate(link.key):
+            column = next((t for t, s in targets.items() if s == key), None)
+            if column is None:
+                how = ("has no same-named field in " + _where(link.target) if link.fields is None
+                       else "is not mapped to any target field")
+                self._add((*base, "key", i), f"key field {key!r} {how}: records could not be "
+                          f"matched; map it, e.g. `fields: {{<target key column>: {key}}}`")
+                return
+            columns.append(column)
+        if tgt is None or any(tgt.field(c) is None for c in columns):
+            return
+        if not tgt.is_unique(columns):
+            cols = ", ".join(columns)
+            uniques = ", ".join(f"({', '.join(u)})" for u in tgt.unique_keys) or "none"
+            self._add((*base, "key"), f"the key maps to ({cols}) in {_where(link.target)}, "
+                      f"which is not unique there: upserts need the primary key "
+                      f"({', '.join(tgt.key) or 'none'}) or a unique key [{uniques}]; map the key "
+                      f"to one of them or add a unique constraint on ({cols})")
+
+    def _required(self, base: Loc, link: LinkConfig, targets: Mapping[str, str | None],
+                  tgt: EntityInfo) -> None:
+        loc = (*base, "fields") if link.fields is not None else base
+        for fld in tgt.fields:
+            if not fld.nullable and fld.name not in targets and not _generated(fld, tgt):
+                self._add(loc, f"target field {fld.name!r} of {_where(link.target)} is "
+                          "required (NOT NULL) but nothing maps to it")
+
+    def _add(self, loc: Loc, message: str) -> None:
+        self.found.append((loc, message))
+
+
+def _generated(fld: FieldInfo, entity: EntityInfo) -> bool:
+    """True when the target fills ``fld`` itself (default, or a serial primary key)."""
+    if getattr(fld, "has_default", False):
+        return True
+    return entity.key == (fld.name,) and "int" in fld.type.lower()
+
+
+def _where(endpoint: Endpoint) -> str:
+    return f"{endpoint.connection}.{endpoint.entity}"
+
+
+def _names(entity: EntityInfo) -> list[str]:
+    return [f.name for f in entity.fields]
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``did you mean 'x'? `` for the closest known name (case first), or nothing."""
+    known = list(known)
+    folded = [k for k in known if k.lower() == name.lower()]
+    match = folded or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"did you mean {match[0]!r}? " if match else ""
+
+
+def _hint(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or nothing."""
+    hint = _did_you_mean(name, known).strip()
+    return f" ({hint})" if hint else ""
+
+
+def _listing(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "") or "none"
