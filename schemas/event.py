@@ -23,11 +23,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ChangeData",
+    "ChangeEvent",
     "EVENT_SCHEMA_VERSION",
     "EVENT_TYPE_PREFIX",
     "NAME_PATTERN",
-    "ChangeData",
-    "ChangeEvent",
     "Origin",
     "canonical_key",
     "dumps",
