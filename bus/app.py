@@ -64,12 +64,30 @@ def _report(headline: str, problems: list[str], echo: Echo) -> None:
         echo(f"  {problem}")
 
 
-def _check_live(loaded: LoadedConfig, worker: Worker, echo: Echo) -> bool:
+def _check_live(loaded: LoadedConfig, worker: Worker, echo: Echo, *,
+                tracking: bool = False) -> bool:
     problems = validate_config(loaded, worker.describe)
+    if tracking and not problems:
+        problems = _untracked_sources(loaded, worker)
     if problems:
-        _report(f"{loaded.path}: invalid configuration ({len(problems)} problems)", problems, echo)
+        _report(f"{loaded.path}: invalid configuration ({_plural(len(problems), 'problem')})", problems, echo)
         return False
     return True
+
+
+def _untracked_sources(loaded: LoadedConfig, worker: Worker) -> list[str]:
+    """Sources that ``syncbus setup`` has not prepared yet, located."""
+    problems = []
+    for name, link in loaded.config.links.items():
+        if not link.enabled:
+            continue
+        info = worker.describe(link.source.connection).get(link.source.entity)
+        if info is not None and not info.change_tracking:
+            problems.append(loaded.problem(
+                ("links", name, "source", "entity"),
+                f"{link.source.connection}.{link.source.entity} is not prepared for change "
+                f"tracking: run `syncbus setup --config {loaded.path}` first"))
+    return problems
 
 
 def validate(path: Path, *, echo: Echo = print) -> int:
@@ -82,10 +100,13 @@ def validate(path: Path, *, echo: Echo = print) -> int:
         worker.open_connectors()
         if not _check_live(loaded, worker, echo):
             return EXIT_CONFIG
+        notes = _untracked_sources(loaded, worker)
     finally:
         worker.close()
     cfg = loaded.config
     echo(f"{path}: OK — {len(cfg.connections)} connections, {len(cfg.links)} links")
+    for note in notes:
+        echo(f"  note: {note}")
     return EXIT_OK
 
 
@@ -97,6 +118,8 @@ def setup(path: Path, *, echo: Echo = print) -> int:
     worker = Worker(loaded.config)
     try:
         worker.open_connectors()
+        if not _check_live(loaded, worker, echo):
+            return EXIT_CONFIG
         for line in worker.prepare_sources():
             echo(line)
     except BusError as exc:
@@ -116,7 +139,7 @@ def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
     worker = Worker(loaded.config)
     try:
         worker.open_connectors()
-        if not _check_live(loaded, worker, echo):
+        if not _check_live(loaded, worker, echo, tracking=True):
             return EXIT_CONFIG
         worker.open()
         if until_idle:
@@ -172,3 +195,7 @@ def _summarize(summary: RunSummary, echo: Echo) -> int:
         echo("gave up waiting: changes are still pending (in retry); they stay queued")
         return EXIT_TIMEOUT
     return EXIT_OK
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -85,6 +85,7 @@ class Worker:
         self.detectors: list[tuple[Detector, float]] = []
         self.consumers: list[tuple[BatchConsumer, LinkApplier]] = []
         self.queues: list[LinkQueues] = []
+        self._described: dict[str, dict[str, EntityInfo]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -101,6 +102,7 @@ class Worker:
             What was done, one line per step.
         """
         self.open_connectors()
+        self._described.clear()
         wanted: dict[str, list[str]] = {}
         for link in self.config.links.values():
             if link.enabled:
@@ -142,8 +144,11 @@ class Worker:
             self.state.close()
 
     def describe(self, connection: str) -> dict[str, EntityInfo]:
-        """Entities of ``connection`` by name (for validation)."""
-        return {e.name: e for e in self.connectors[connection].describe()}
+        """Entities of ``connection`` by name (for validation); cached per worker."""
+        if connection not in self._described:
+            self._described[connection] = {
+                e.name: e for e in self.connectors[connection].describe()}
+        return self._described[connection]
 
     # -- running ----------------------------------------------------------------------------
 
@@ -228,7 +233,7 @@ class Worker:
             if not link.enabled:
                 continue
             target = self.connectors[link.target.connection]
-            info = target.describe([link.target.entity])[0]
+            info = self.describe(link.target.connection)[link.target.entity]
             applier = LinkApplier(name, link, target, self.state,
                                   target_fields=[f.name for f in info.fields])
             consumer = BatchConsumer(
