@@ -11,8 +11,11 @@ handler, and settles every message by the handler's :class:`Decision`:
 The apply rule: a message is acked only after the target confirmed, or after its
 copy was confirmed by the broker in the retry or dead-letter queue. A handler that
 crashes is retried message by message so one poison message cannot take its batch
-with it; the message that still crashes is rejected back to the queue, and
-RabbitMQ dead-letters it once ``x-delivery-limit`` is reached.
+with it; a message that still crashes it is retried with delay like a transient
+failure (an outage of something the handler needs looks the same), so it reaches
+the dead-letter queue with the exception's text once its attempts run out. A
+message that kills the whole process is redelivered by RabbitMQ, which
+dead-letters it itself once ``x-delivery-limit`` is reached.
 """
 
 from __future__ import annotations
@@ -216,11 +219,9 @@ class BatchConsumer:
 
     def _flush(self, channel: Any) -> None:
         batch, self._buffer = self._buffer, []
-        decisions, crashed = self._decide(batch)
+        decisions = self._decide(batch)
         copies = []
         for delivery, dec in zip(batch, decisions, strict=True):
-            if dec is None:
-                continue
             if dec.verdict is Verdict.ACK:
                 self.stats.acked += 1
                 continue
@@ -232,38 +233,30 @@ class BatchConsumer:
                 self.stats.retried += 1
         # Apply rule: the copies must be confirmed before the originals are acked.
         self.publisher.publish_batch(copies)
-        for delivery in crashed:
-            delivery.message.requeue()
-        self.stats.crashed += len(crashed)
-        settled = [d.message.delivery_tag for d, dec in zip(batch, decisions, strict=True)
-                   if dec is not None]
-        if settled and not crashed:
-            # Everything delivered before this batch is settled already: one frame acks all.
-            channel.basic_ack(max(settled), multiple=True)
-        else:
-            for tag in settled:
-                channel.basic_ack(tag)
+        # Everything delivered before this batch is settled already: one frame acks all.
+        channel.basic_ack(max(d.message.delivery_tag for d in batch), multiple=True)
         self.stats.in_flight = 0
         self.stats.last_activity = time.monotonic()
 
-    def _decide(self, batch: list[Delivery]) -> tuple[list[Decision | None], list[Delivery]]:
+    def _decide(self, batch: list[Delivery]) -> list[Decision]:
         try:
-            decisions: list[Decision | None] = list(self.handler(batch))
+            decisions = list(self.handler(batch))
             if len(decisions) != len(batch):
                 raise RuntimeError(f"handler returned {len(decisions)} decisions for {len(batch)}")
-            return decisions, []
+            return decisions
         except Exception:  # noqa: BLE001 - a bug or a poison message: isolate it
             self._log.exception("batch_handler_crashed", size=len(batch))
-        decisions, crashed = [], []
-        for delivery in batch:
-            try:
-                decisions.append(self.handler([delivery])[0])
-            except Exception as exc:  # noqa: BLE001
-                self._log.error("message_crashed_handler", message_id=delivery.message_id,
-                                error=str(exc), attempts=delivery.attempts)
-                decisions.append(None)
-                crashed.append(delivery)
-        return decisions, crashed
+        return [self._decide_one(delivery) for delivery in batch]
+
+    def _decide_one(self, delivery: Delivery) -> Decision:
+        try:
+            return self.handler([delivery])[0]
+        except Exception as exc:  # noqa: BLE001
+            self.stats.crashed += 1
+            self._log.error("message_crashed_handler", message_id=delivery.message_id,
+                            error=str(exc), attempts=delivery.attempts)
+            return Decision(Verdict.RETRY, error=f"{type(exc).__name__}: {exc}",
+                            error_class=f"Crash.{type(exc).__name__}")
 
     def _copy(self, delivery: Delivery, decision: Decision) -> tuple[OutMessage, bool]:
         """The retry or dead-letter copy of ``delivery``, and whether it is dead."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from bus.redact import redact_url
+from bus.redact import redact_text, redact_url
 from connectors.base import ConnectorUnavailable
 
 __all__ = ["AppliedGuard", "StateStore"]
@@ -74,20 +74,38 @@ class StateStore:
 
     # -- checkpoints ------------------------------------------------------------------
 
+    @contextmanager
+    def _available(self) -> Iterator[None]:
+        """Turn a lost or refused state-store connection into a transient error."""
+        try:
+            yield
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise ConnectorUnavailable(
+                f"state store {self.safe_url} unavailable: {redact_text(str(exc.orig))}"
+            ) from exc
+
     def load_cursor(self, detector: str) -> str | None:
-        """The committed cursor of ``detector``, or None before its first page."""
-        with self.engine.connect() as conn:
+        """The committed cursor of ``detector``, or None before its first page.
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        with self._available(), self.engine.connect() as conn:
             return conn.scalar(
                 sa.select(checkpoints.c.cursor).where(checkpoints.c.detector == detector)
             )
 
     def save_cursor(self, detector: str, cursor: str, *, changes: int = 0) -> None:
-        """Commit ``cursor`` for ``detector`` (call only after the page was confirmed)."""
+        """Commit ``cursor`` for ``detector`` (call only after the page was confirmed).
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
         now = _now()
         values = {"cursor": cursor, "updated_at": now}
         if changes:
             values["last_change_at"] = now
-        with self.engine.begin() as conn:
+        with self._available(), self.engine.begin() as conn:
             done = conn.execute(
                 checkpoints.update().where(checkpoints.c.detector == detector).values(**values)
             ).rowcount
