@@ -8,8 +8,12 @@ deliver everything pending, report.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +39,8 @@ log = structlog.get_logger(__name__)
 IDLE_SETTLE = 0.3
 #: Longest pause between two polls of a failing source.
 MAX_POLL_BACKOFF = 60.0
+#: Seconds a detector lease lasts without renewal (renewed every page and every poll).
+LEASE_TTL = 60.0
 
 
 @dataclass(slots=True)
@@ -86,6 +92,8 @@ class Worker:
         self.consumers: list[tuple[BatchConsumer, LinkApplier]] = []
         self.queues: list[LinkQueues] = []
         self._described: dict[str, dict[str, EntityInfo]] = {}
+        #: This worker's identity in detector leases.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -182,7 +190,12 @@ class Worker:
         try:
             for detector, _ in self.detectors:
                 try:
-                    result = detector.poll()
+                    if not self._lease(detector):
+                        say(f"{detector.name}: skipped, another worker polls it "
+                            f"({self._state().lease_owner(detector.name)})")
+                        continue
+                    result = detector.poll(keep_going=lambda d=detector: self._lease(d))
+                    self._state().release_lease(detector.name, self.owner)
                 except BusError as exc:
                     summary.errors.append(f"detector {detector.name}: {exc.message}")
                     continue
@@ -247,7 +260,8 @@ class Worker:
         backoff = interval
         while not stop.is_set():
             try:
-                detector.poll(stop)
+                if self._lease(detector):
+                    detector.poll(stop, keep_going=lambda: self._lease(detector))
                 backoff = interval
             except PermanentError as exc:
                 log.error("detector_failed", detector=detector.name, error=exc.message)
@@ -260,6 +274,16 @@ class Worker:
                 log.exception("detector_crashed", detector=detector.name)
                 backoff = MAX_POLL_BACKOFF
             stop.wait(backoff)
+        with contextlib.suppress(BusError):
+            self._state().release_lease(detector.name, self.owner)
+
+    def _lease(self, detector: Detector) -> bool:
+        """Take or renew this worker's lease on ``detector``'s source entity."""
+        return self._state().acquire_lease(detector.name, self.owner, LEASE_TTL)
+
+    def _state(self) -> StateStore:
+        assert self.state is not None, "Worker.open() first"
+        return self.state
 
     def _wait_idle(self, deadline: float) -> bool:
         """Wait until every link's queues are empty and every consumer is idle."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -67,10 +68,12 @@ class Detector:
         self.page_size = page_size
         self.name = f"{connection}.{entity}"
 
-    def poll(self, stop: threading.Event | None = None) -> PollResult:
+    def poll(self, stop: threading.Event | None = None,
+             keep_going: Callable[[], bool] | None = None) -> PollResult:
         """Publish every change after the committed cursor, page by page.
 
-        Stops between pages when ``stop`` is set; the current page always completes.
+        Stops between pages when ``stop`` is set or ``keep_going()`` returns False (the
+        worker lost its lease on this source); the current page always completes.
 
         Raises:
             TransientError: the source or the broker is unavailable (the cursor stays
@@ -91,7 +94,7 @@ class Detector:
                     result.deletes += 1
                 else:
                     result.upserts += 1
-            if stop is not None and stop.is_set():
+            if (stop is not None and stop.is_set()) or (keep_going and not keep_going()):
                 break
         if result.changes:
             log.info("changes_published", detector=self.name, upserts=result.upserts,

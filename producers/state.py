@@ -7,6 +7,8 @@ Tables:
   only after the broker confirmed the page (the cursor rule).
   ``syncbus_applied`` — per link and target record, the source version last applied
   (the ordering rule).
+  ``syncbus_leases`` — which worker polls which source entity, so that several workers
+  sharing a PostgreSQL state store never poll the same entity at once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -34,6 +36,14 @@ checkpoints = sa.Table(
     sa.Column("cursor", sa.Text, nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_change_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+leases = sa.Table(
+    "syncbus_leases",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("owner", sa.String(200), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 applied = sa.Table(
@@ -111,6 +121,46 @@ class StateStore:
             ).rowcount
             if not done:
                 conn.execute(checkpoints.insert().values(detector=detector, **values))
+
+    # -- leases -------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl`` seconds; False if another owner holds it.
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        now = _now()
+        until = now + timedelta(seconds=ttl)
+        with self._available(), self.engine.begin() as conn:
+            taken = conn.execute(
+                leases.update()
+                .where(leases.c.name == name)
+                .where(sa.or_(leases.c.owner == owner, leases.c.expires_at < now))
+                .values(owner=owner, expires_at=until)
+            ).rowcount
+            if taken:
+                return True
+            exists = conn.scalar(sa.select(leases.c.owner).where(leases.c.name == name))
+            if exists is not None:
+                return False
+            try:
+                with conn.begin_nested():
+                    conn.execute(leases.insert().values(name=name, owner=owner, expires_at=until))
+            except sa.exc.IntegrityError:
+                return False
+            return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up (at shutdown) so another worker takes over at once."""
+        with self._available(), self.engine.begin() as conn:
+            conn.execute(leases.delete().where(leases.c.name == name, leases.c.owner == owner))
+
+    def lease_owner(self, name: str) -> str | None:
+        """Who holds the lease ``name`` now (expired leases count as free)."""
+        with self._available(), self.engine.connect() as conn:
+            return conn.scalar(sa.select(leases.c.owner).where(
+                leases.c.name == name, leases.c.expires_at >= _now()))
 
     # -- applied versions ---------------------------------------------------------------
 

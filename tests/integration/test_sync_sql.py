@@ -16,6 +16,7 @@ from pathlib import Path
 import pika
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from bus import app
 from bus.config import load_config
@@ -262,3 +263,39 @@ def test_target_outage_is_retried_with_delay_and_delivered_once_it_is_back(
         proxy.close()
     assert consumer.stats.dead == 0
     assert not thread.is_alive()
+
+
+def test_two_workers_share_the_work_and_only_one_polls_each_source(tmp_path, pg_url, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
+                   amqp_url=amqp_url, link={"batch_size": 100, "page_size": 500})
+    config = yaml.safe_load(env.config_path.read_text())
+    config["state"]["url"] = pg_url  # several workers share a PostgreSQL state store
+    config["broker"]["prefetch"] = 200
+    env.config_path.write_text(yaml.safe_dump(config))
+    src, dst = env.source(), env.target()
+    insert_items(src, range(1, 20_001))
+    _setup(env)
+
+    workers = [Worker(load_config(env.config_path).config) for _ in range(2)]
+    stop_event = threading.Event()
+    threads = []
+    for worker in workers:
+        worker.open()
+        threads.append(threading.Thread(target=worker.run, args=(stop_event,), daemon=True))
+        threads[-1].start()
+    try:
+        owner = wait_for(lambda: workers[0].state.lease_owner("src.items"), timeout=30,
+                         message="no worker took the detector lease")
+        assert owner in {w.owner for w in workers}
+        with src.begin() as conn:
+            conn.execute(sa.text("UPDATE items SET qty = qty * 2 WHERE id % 3 = 0"))
+        wait_for(lambda: table_rows(dst) == table_rows(src), timeout=120, interval=1,
+                 message="target never matched the source")
+    finally:
+        stop_event.set()
+        for thread in threads:
+            thread.join(30)
+        for worker in workers:
+            worker.close()
+    applied = [w.consumers[0][1].stats.upserted for w in workers]
+    assert all(n > 0 for n in applied), f"one worker did all the work: {applied}"
