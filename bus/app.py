@@ -90,69 +90,63 @@ def _untracked_sources(loaded: LoadedConfig, worker: Worker) -> list[str]:
     return problems
 
 
-def validate(path: Path, *, echo: Echo = print) -> int:
-    """Check ``path`` against its schema and the live systems."""
+def _with_worker(path: Path, echo: Echo, body: Callable[[LoadedConfig, Worker], int], *,
+                 tracking: bool = False) -> int:
+    """Load and check the config against the live systems, then run ``body``."""
     loaded = _load(path, echo)
     if loaded is None:
         return EXIT_CONFIG
     worker = Worker(loaded.config)
     try:
         worker.open_connectors()
-        if not _check_live(loaded, worker, echo):
+        if not _check_live(loaded, worker, echo, tracking=tracking):
             return EXIT_CONFIG
-        notes = _untracked_sources(loaded, worker)
-    finally:
-        worker.close()
-    cfg = loaded.config
-    echo(f"{path}: OK — {len(cfg.connections)} connections, {len(cfg.links)} links")
-    for note in notes:
-        echo(f"  note: {note}")
-    return EXIT_OK
-
-
-def setup(path: Path, *, echo: Echo = print) -> int:
-    """Prepare the source entities of every enabled link for change tracking."""
-    loaded = _load(path, echo)
-    if loaded is None:
-        return EXIT_CONFIG
-    worker = Worker(loaded.config)
-    try:
-        worker.open_connectors()
-        if not _check_live(loaded, worker, echo):
-            return EXIT_CONFIG
-        for line in worker.prepare_sources():
-            echo(line)
-    except BusError as exc:
-        echo(f"setup failed: {exc.message}")
-        return EXIT_FAILED
-    finally:
-        worker.close()
-    return EXIT_OK
-
-
-def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
-        echo: Echo = print, stop: threading.Event | None = None) -> int:
-    """Validate, then sync continuously (until ``stop`` / Ctrl-C) or until idle."""
-    loaded = _load(path, echo)
-    if loaded is None:
-        return EXIT_CONFIG
-    worker = Worker(loaded.config)
-    try:
-        worker.open_connectors()
-        if not _check_live(loaded, worker, echo, tracking=True):
-            return EXIT_CONFIG
-        worker.open()
-        if until_idle:
-            summary = worker.run_until_idle(max_wait=max_wait, on_progress=echo)
-            return _summarize(summary, echo)
-        stop = stop or _signal_stop()
-        worker.run(stop)
-        return EXIT_OK
+        return body(loaded, worker)
     except BusError as exc:
         echo(f"syncbus: {exc.message}")
         return EXIT_FAILED
     finally:
         worker.close()
+
+
+def validate(path: Path, *, echo: Echo = print) -> int:
+    """Check ``path`` against its schema and the live systems."""
+
+    def report(loaded: LoadedConfig, worker: Worker) -> int:
+        cfg = loaded.config
+        echo(f"{path}: OK — {_plural(len(cfg.connections), 'connection')}, "
+             f"{_plural(len(cfg.links), 'link')}")
+        for note in _untracked_sources(loaded, worker):
+            echo(f"  note: {note}")
+        return EXIT_OK
+
+    return _with_worker(path, echo, report)
+
+
+def setup(path: Path, *, echo: Echo = print) -> int:
+    """Prepare the source entities of every enabled link for change tracking."""
+
+    def prepare(_loaded: LoadedConfig, worker: Worker) -> int:
+        for line in worker.prepare_sources():
+            echo(line)
+        return EXIT_OK
+
+    return _with_worker(path, echo, prepare)
+
+
+def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
+        echo: Echo = print, stop: threading.Event | None = None) -> int:
+    """Validate, then sync continuously (until ``stop`` / Ctrl-C) or until idle."""
+
+    def sync(_loaded: LoadedConfig, worker: Worker) -> int:
+        worker.open()
+        if until_idle:
+            summary = worker.run_until_idle(max_wait=max_wait, on_progress=echo)
+            return _summarize(summary, echo)
+        worker.run(stop or _signal_stop())
+        return EXIT_OK
+
+    return _with_worker(path, echo, sync, tracking=True)
 
 
 def demo(directory: Path, *, rows: int, amqp_url: str, echo: Echo = print) -> int:

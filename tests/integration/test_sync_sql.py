@@ -299,3 +299,26 @@ def test_two_workers_share_the_work_and_only_one_polls_each_source(tmp_path, pg_
             worker.close()
     applied = [w.consumers[0][1].stats.upserted for w in workers]
     assert all(n > 0 for n in applied), f"one worker did all the work: {applied}"
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_batches_in_flight_and_exits_cleanly(tmp_path, pg_url, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
+                   amqp_url=amqp_url, link={"page_size": 1000, "batch_size": 200})
+    src, dst = env.source(), env.target()
+    insert_items(src, range(1, 30_001))
+    _setup(env)
+
+    proc = syncbus("run", "--config", str(env.config_path))
+    wait_for(lambda: len(table_rows(dst, columns=("id", "name"))) > 3_000, timeout=120,
+             message="worker never applied 3,000 rows")
+    code, out = stop(proc, timeout=60)
+
+    assert code == 0, out
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert events and len(events) == len(out.splitlines()), "logs are not JSON lines off a tty"
+    names = [e["event"] for e in events]
+    assert "shutdown_requested" in names and names[-1] == "worker_stopped"
+    assert all("link" in e and "entity" in e for e in events if e["event"] == "batch_applied")
+    _sync(env)
+    assert table_rows(dst) == table_rows(src)
