@@ -255,7 +255,7 @@ class _Walker:
     def _key(self, node: yaml.Node) -> str:
         if isinstance(node, yaml.ScalarNode):
             return str(self.loader.construct_object(node))
-        return f"<{node.id} key>"
+        return f"<{type(node).__name__} key>"
 
     def _scalar(self, node: yaml.ScalarNode, loc: Loc) -> None:
         if node.tag != _STR_TAG or "${" not in node.value:

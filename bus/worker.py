@@ -9,6 +9,7 @@ deliver everything pending, report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import threading
@@ -194,7 +195,7 @@ class Worker:
                         say(f"{detector.name}: skipped, another worker polls it "
                             f"({self._state().lease_owner(detector.name)})")
                         continue
-                    result = detector.poll(keep_going=lambda d=detector: self._lease(d))
+                    result = detector.poll(keep_going=functools.partial(self._lease, detector))
                     self._state().release_lease(detector.name, self.owner)
                 except BusError as exc:
                     summary.errors.append(f"detector {detector.name}: {exc.message}")

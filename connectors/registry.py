@@ -33,4 +33,5 @@ def open_connector(name: str, config: Any) -> Connector:
     options = config.model_dump(by_alias=False, exclude={"type"})
     if "schema_" in options:
         options["schema"] = options.pop("schema_")
-    return cls(name, **options)
+    connector: Connector = cls(name, **options)
+    return connector
