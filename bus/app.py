@@ -66,7 +66,12 @@ def _report(headline: str, problems: list[str], echo: Echo) -> None:
 
 def _check_live(loaded: LoadedConfig, worker: Worker, echo: Echo, *,
                 tracking: bool = False) -> bool:
-    problems = validate_config(loaded, worker.describe)
+    """Validate against the live systems; with ``tracking`` (run), tolerate outages."""
+    unreachable: list[str] | None = [] if tracking else None
+    problems = validate_config(loaded, worker.describe, unreachable=unreachable)
+    for conn in unreachable or ():
+        echo(f"warning: connection {conn!r} is unreachable; its links start anyway, "
+             "their changes wait in retry until it is back")
     if tracking and not problems:
         problems = _untracked_sources(loaded, worker)
     if problems:
@@ -81,7 +86,10 @@ def _untracked_sources(loaded: LoadedConfig, worker: Worker) -> list[str]:
     for name, link in loaded.config.links.items():
         if not link.enabled:
             continue
-        info = worker.describe(link.source.connection).get(link.source.entity)
+        try:
+            info = worker.describe(link.source.connection).get(link.source.entity)
+        except BusError:
+            continue  # unreachable: the detector retries until it is back
         if info is not None and not info.change_tracking:
             problems.append(loaded.problem(
                 ("links", name, "source", "entity"),

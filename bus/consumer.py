@@ -253,7 +253,7 @@ class BatchConsumer:
             return self.handler([delivery])[0]
         except Exception as exc:  # noqa: BLE001
             self.stats.crashed += 1
-            self._log.error("message_crashed_handler", message_id=delivery.message_id,
+            self._log.error("message_crashed_handler", event_id=delivery.message_id,
                             error=str(exc), attempts=delivery.attempts)
             return Decision(Verdict.RETRY, error=f"{type(exc).__name__}: {exc}",
                             error_class=f"Crash.{type(exc).__name__}")
@@ -278,15 +278,17 @@ class BatchConsumer:
         content_type = props.get("content_type") or "application/cloudevents+json"
         if decision.verdict is Verdict.RETRY and attempts < self.retry.max_attempts:
             delay, queue = self._tier(attempts, decision.retry_after)
-            self._log.info("message_retry", message_id=delivery.message_id, attempts=attempts,
+            self._log.info("message_retry", event_id=delivery.message_id,
+                           routing_key=delivery.original_routing_key, attempts=attempts,
                            delay=delay, error=decision.error)
             return OutMessage("", queue, delivery.body, hdrs, delivery.message_id,
                               mandatory=True, content_type=content_type), False
         if decision.verdict is Verdict.RETRY:
             hdrs[headers.ERROR] = (f"gave up after {attempts} attempts: {decision.error}")[
                 :MAX_ERROR_CHARS]
-        self._log.warning("message_dead_lettered", message_id=delivery.message_id,
-                          attempts=attempts, error=hdrs[headers.ERROR])
+        self._log.warning("message_dead_lettered", event_id=delivery.message_id,
+                          routing_key=delivery.original_routing_key, attempts=attempts,
+                          error=hdrs[headers.ERROR])
         return OutMessage(DEAD_EXCHANGE, delivery.original_routing_key, delivery.body, hdrs,
                           delivery.message_id, mandatory=True, content_type=content_type), True
 

@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from bus.config import LoadedConfig, Loc
 from bus.redact import redact_text, redact_url
-from connectors.base import BusError, EntityInfo, FieldInfo
+from connectors.base import BusError, EntityInfo, FieldInfo, TransientError
 from schemas.config import Endpoint, LinkConfig, SqlConnection, SyncConfig
 
 __all__ = ["Describe", "SQL_DIALECTS", "check_urls", "validate_config"]
@@ -50,7 +50,8 @@ def check_urls(loaded: LoadedConfig) -> list[str]:
     return [loaded.problem(loc, msg) for loc, msg in _url_problems(loaded.config)]
 
 
-def validate_config(loaded: LoadedConfig, describe: Describe) -> list[str]:
+def validate_config(loaded: LoadedConfig, describe: Describe, *,
+                    unreachable: list[str] | None = None) -> list[str]:
     """Check the config against the live systems.
 
     Each connection is described at most once. A connection that cannot be described
@@ -61,13 +62,17 @@ def validate_config(loaded: LoadedConfig, describe: Describe) -> list[str]:
         loaded: The loaded config.
         describe: Returns a connection's entities by name; may raise ``BusError``
             (e.g. ``ConnectorUnavailable``) or any driver error.
+        unreachable: When given, connections that are only temporarily unavailable
+            (``TransientError``) are appended here instead of being reported as
+            problems; their live checks are skipped. ``syncbus run`` uses this so that
+            a worker starts while a system is down and catches up when it is back.
 
     Returns:
         Located problems, in file order; empty when the config is valid.
     """
     found = _url_problems(loaded.config)
     bad_urls = {str(loc[1]) for loc, _ in found if loc[0] == "connections"}
-    checker = _LinkChecker(loaded.config, describe, bad_urls)
+    checker = _LinkChecker(loaded.config, describe, bad_urls, unreachable)
     for name, link in loaded.config.links.items():
         checker.check(name, link)
     found += checker.found
@@ -132,10 +137,12 @@ def _sql_problem(url: str) -> str | None:
 class _LinkChecker:
     """Checks links, describing each connection once; collects (loc, message) pairs."""
 
-    def __init__(self, config: SyncConfig, describe: Describe, skip: set[str]) -> None:
+    def __init__(self, config: SyncConfig, describe: Describe, skip: set[str],
+                 unreachable: list[str] | None = None) -> None:
         self.config = config
         self.describe = describe
         self.skip = skip
+        self.unreachable = unreachable
         self.found: list[tuple[Loc, str]] = []
         self._entities: dict[str, Mapping[str, EntityInfo] | None] = {}
 
@@ -182,6 +189,10 @@ class _LinkChecker:
             try:
                 result = self.describe(conn)
             except Exception as exc:  # noqa: BLE001 - any failure is a problem to report
+                if isinstance(exc, TransientError) and self.unreachable is not None:
+                    self.unreachable.append(conn)
+                    self._entities[conn] = None
+                    return None
                 reason = exc.message if isinstance(exc, BusError) else f"{type(exc).__name__}: {exc}"
                 url = getattr(self.config.connections[conn], "url", "")
                 self._add(("connections", conn, "url"), f"cannot read the metadata of "

@@ -25,7 +25,14 @@ from bus.consumer import BatchConsumer
 from bus.publisher import Publisher
 from bus.redact import redact_url
 from bus.topology import DEAD_QUEUE, LinkQueues, declare_topology
-from connectors.base import BrokerConnectionError, BusError, Connector, EntityInfo, PermanentError
+from connectors.base import (
+    BrokerConnectionError,
+    BusError,
+    Connector,
+    EntityInfo,
+    PermanentError,
+    TransientError,
+)
 from connectors.registry import open_connector
 from consumers.apply import LinkApplier
 from producers.detector import Detector, PollResult
@@ -247,9 +254,12 @@ class Worker:
             if not link.enabled:
                 continue
             target = self.connectors[link.target.connection]
-            info = self.describe(link.target.connection)[link.target.entity]
-            applier = LinkApplier(name, link, target, self.state,
-                                  target_fields=[f.name for f in info.fields])
+            try:
+                described = self.describe(link.target.connection)[link.target.entity]
+                fields: list[str] | None = [f.name for f in described.fields]
+            except TransientError:
+                fields = None  # the target is down: the applier asks again when it is back
+            applier = LinkApplier(name, link, target, self.state, target_fields=fields)
             consumer = BatchConsumer(
                 url=self.config.broker.url, queues=by_name[name], handler=applier,
                 publisher=self.publisher, retry=link.retry,

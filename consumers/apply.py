@@ -76,7 +76,8 @@ class LinkApplier:
         link: The link's configuration.
         target: The target connector.
         state: The state store (ordering rule).
-        target_fields: Fields of the target entity (restricts identity mapping).
+        target_fields: Fields of the target entity (restricts identity mapping); when
+            None they are read from the target before the first batch.
     """
 
     def __init__(
@@ -93,11 +94,28 @@ class LinkApplier:
         self.target = target
         self.state = state
         self.entity = link.target.entity
-        self.mapper = FieldMapper(link, target_fields=target_fields)
+        self._mapper = (FieldMapper(link, target_fields=target_fields)
+                        if target_fields is not None or link.fields is not None else None)
         self.stats = ApplyStats()
         self._log = log.bind(link=name, entity=self.entity)
 
+    @property
+    def mapper(self) -> FieldMapper:
+        """The field mapper; an identity map needs the target's fields first.
+
+        Raises:
+            TransientError: the target cannot be described right now.
+        """
+        if self._mapper is None:
+            info = self.target.describe([self.entity])[0]
+            self._mapper = FieldMapper(self.link, target_fields=[f.name for f in info.fields])
+        return self._mapper
+
     def __call__(self, batch: Sequence[Delivery]) -> list[Decision]:
+        try:
+            self.mapper  # noqa: B018 - resolve it before mapping anything
+        except TransientError as exc:
+            return [self._fail(d, exc) for d in batch]
         decisions: list[Decision | None] = [None] * len(batch)
         items: dict[str, _Item] = {}
         for index, delivery in enumerate(batch):

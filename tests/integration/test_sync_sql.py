@@ -322,3 +322,36 @@ def test_sigterm_finishes_the_batches_in_flight_and_exits_cleanly(tmp_path, pg_u
     assert all("link" in e and "entity" in e for e in events if e["event"] == "batch_applied")
     _sync(env)
     assert table_rows(dst) == table_rows(src)
+
+
+def test_a_worker_started_while_the_target_is_down_catches_up_when_it_is_back(
+        tmp_path, pg_url, amqp_url):
+    url = sa.make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=proxied,
+                   amqp_url=amqp_url, link={"retry": {"delays": [0.5, 1], "max_attempts": 50}})
+    src, dst = env.source(), sa.create_engine(pg_url)
+    insert_items(src, range(1, 1_001))
+    _setup(env)
+    proxy.cut()
+
+    lines: list[str] = []
+    stop_event = threading.Event()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(
+        app.run(env.config_path, echo=lines.append, stop=stop_event)), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: any("'dst' is unreachable" in line for line in lines), timeout=30,
+                 message=lambda: f"no unreachable warning: {lines}")
+        time.sleep(2)  # changes pile up in retry meanwhile
+        assert table_rows(dst) == {}
+        proxy.restore()
+        wait_for(lambda: table_rows(dst) == table_rows(src), timeout=60,
+                 message="target never caught up")
+    finally:
+        stop_event.set()
+        thread.join(30)
+        proxy.close()
+    assert result == [app.EXIT_OK], lines
