@@ -198,9 +198,9 @@ class Worker:
         try:
             for detector, _ in self.detectors:
                 try:
-                    if not self._lease(detector):
-                        say(f"{detector.name}: skipped, another worker polls it "
-                            f"({self._state().lease_owner(detector.name)})")
+                    if not self._wait_lease(detector, started + max_wait):
+                        say(f"{detector.name}: not polled here, worker "
+                            f"{self._state().lease_owner(detector.name)} polls it")
                         continue
                     result = detector.poll(keep_going=functools.partial(self._lease, detector))
                     self._state().release_lease(detector.name, self.owner)
@@ -289,8 +289,28 @@ class Worker:
             self._state().release_lease(detector.name, self.owner)
 
     def _lease(self, detector: Detector) -> bool:
-        """Take or renew this worker's lease on ``detector``'s source entity."""
-        return self._state().acquire_lease(detector.name, self.owner, LEASE_TTL)
+        """Take or renew this worker's lease on ``detector``'s source entity.
+
+        A lease left by a worker of this host whose process is gone (killed, crashed)
+        is taken over at once; one of another host waits for its expiry.
+        """
+        state = self._state()
+        if state.acquire_lease(detector.name, self.owner, LEASE_TTL):
+            return True
+        holder = state.lease_owner(detector.name)
+        if holder is not None and _dead_local_owner(holder):
+            log.info("lease_taken_over", detector=detector.name, dead_owner=holder)
+            return state.acquire_lease(detector.name, self.owner, LEASE_TTL, dead_owner=holder)
+        return False
+
+    def _wait_lease(self, detector: Detector, deadline: float) -> bool:
+        """Wait (at most one lease lifetime) for another worker's lease to end."""
+        until = min(deadline, time.monotonic() + LEASE_TTL + 1)
+        while not self._lease(detector):
+            if time.monotonic() >= until:
+                return False
+            time.sleep(1.0)
+        return True
 
     def _state(self) -> StateStore:
         assert self.state is not None, "Worker.open() first"
@@ -338,3 +358,18 @@ class Worker:
 
 def _names(queues: LinkQueues) -> list[str]:
     return [queues.work, *(name for _, name in queues.retries)]
+
+
+def _dead_local_owner(owner: str) -> bool:
+    """True when ``owner`` (host:pid:nonce) names a process of this host that is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -124,8 +124,13 @@ class StateStore:
 
     # -- leases -------------------------------------------------------------------------
 
-    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+    def acquire_lease(self, name: str, owner: str, ttl: float, *,
+                      dead_owner: str | None = None) -> bool:
         """Take or renew the lease ``name`` for ``ttl`` seconds; False if another owner holds it.
+
+        Args:
+            dead_owner: An owner known to be dead (its process is gone): its lease is
+                taken over at once instead of waiting for it to expire.
 
         Raises:
             ConnectorUnavailable: the state store cannot be reached.
@@ -136,7 +141,8 @@ class StateStore:
             taken = conn.execute(
                 leases.update()
                 .where(leases.c.name == name)
-                .where(sa.or_(leases.c.owner == owner, leases.c.expires_at < now))
+                .where(sa.or_(leases.c.owner == owner, leases.c.expires_at < now,
+                              leases.c.owner == (dead_owner or owner)))
                 .values(owner=owner, expires_at=until)
             ).rowcount
             if taken:

@@ -53,3 +53,11 @@ def test_the_guard_records_nothing_when_the_batch_fails(state):
         guard.record("k", 1)
         raise RuntimeError("target write failed")
     assert state.applied_version("link", "k") is None
+
+
+def test_a_dead_owners_lease_is_taken_over_at_once(state):
+    assert state.acquire_lease("crm.customers", "host:1:a", ttl=600)
+    assert not state.acquire_lease("crm.customers", "host:2:b", ttl=600)
+    assert state.acquire_lease("crm.customers", "host:2:b", ttl=600, dead_owner="host:1:a")
+    assert state.lease_owner("crm.customers") == "host:2:b"
+    assert not state.acquire_lease("crm.customers", "host:3:c", ttl=600, dead_owner="host:1:a")
