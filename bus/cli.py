@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from bus import app
+from bus.cli_emulate import emulate
 
 __all__ = ["main"]
 
@@ -112,6 +113,9 @@ def demo(
     """
     app.setup_logging(log_level, "auto")
     raise typer.Exit(app.demo(directory, rows=rows, amqp_url=amqp_url, echo=typer.echo))
+
+
+cli.add_typer(emulate, name="emulate")
 
 
 def main() -> None:

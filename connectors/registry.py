@@ -13,6 +13,8 @@ __all__ = ["CONNECTORS", "open_connector"]
 #: Connection ``type`` → "module:Class". Imported only when a config uses it.
 CONNECTORS: dict[str, str] = {
     "sql": "connectors.sql:SqlConnector",
+    "dataverse": "connectors.dataverse:DataverseConnector",
+    "business_central": "connectors.business_central:BusinessCentralConnector",
 }
 
 

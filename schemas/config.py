@@ -40,6 +40,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SecretStr,
     Tag,
     field_validator,
     model_validator,
@@ -49,12 +50,14 @@ from schemas.event import NAME_PATTERN
 
 __all__ = [
     "BrokerConfig",
+    "BusinessCentralConnection",
     "CONNECTION_TYPES",
     "ConnectionConfig",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_RETRY_DELAYS",
+    "DataverseConnection",
     "Endpoint",
     "FieldSpec",
     "LinkConfig",
@@ -76,7 +79,7 @@ DEFAULT_BATCH_SIZE = 500
 #: Delays (seconds) of the retry tiers; the last one repeats until attempts run out.
 DEFAULT_RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 600.0)
 #: Connection ``type`` values this version understands (``type`` defaults to ``sql``).
-CONNECTION_TYPES = ("sql",)
+CONNECTION_TYPES = ("sql", "dataverse", "business_central")
 #: Transforms written as a bare word; ``{round: N}`` is the one with a parameter.
 TRANSFORMS = ("upper", "lower", "strip")
 
@@ -152,6 +155,50 @@ class SqlConnection(_Model):
     )
 
 
+class _OAuthConnection(_Model):
+    """Shared settings of systems reached over HTTPS with Entra ID (client credentials).
+
+    Secrets are written as references, never inline: ``${DATAVERSE_SECRET}`` (an
+    environment variable) or ``${file:/run/secrets/dataverse}`` (a file).
+    """
+
+    tenant_id: str = Field(description="Entra ID tenant (GUID or domain).")
+    client_id: str = Field(description="Application (client) id of the app registration.")
+    client_secret: SecretStr | None = Field(
+        default=None, description="Client secret; use ${ENV} or ${file:…}, never inline.")
+    certificate_path: str | None = Field(
+        default=None, description="PEM with private key and certificate, instead of a secret.")
+    certificate_thumbprint: str | None = Field(
+        default=None, description="SHA-1 thumbprint of that certificate.")
+    authority_host: str = Field(
+        default="https://login.microsoftonline.com",
+        description="Entra ID host; the emulator's URL in tests and the demo.")
+    ca_bundle: str | None = Field(
+        default=None, description="CA bundle to trust (e.g. the emulator's ca.pem).")
+    timeout: float = Field(default=30.0, gt=0, description="Seconds per HTTP request.")
+
+
+class DataverseConnection(_OAuthConnection):
+    """A Dynamics 365 / Dataverse organisation (Web API v9.2)."""
+
+    type: Literal["dataverse"] = "dataverse"
+    url: str = Field(description="Organisation URL, e.g. https://contoso.crm4.dynamics.com")
+    batch_size: int = Field(default=1000, ge=1, le=1000, description="Operations per $batch.")
+    page_size: int = Field(default=5000, ge=1, le=5000, description="odata.maxpagesize.")
+
+
+class BusinessCentralConnection(_OAuthConnection):
+    """A Business Central environment and company (API v2.0)."""
+
+    type: Literal["business_central"] = "business_central"
+    url: str = Field(
+        default="https://api.businesscentral.dynamics.com",
+        description="API host; the emulator's URL in tests and the demo.")
+    environment: str = Field(default="production", description="Environment name.")
+    company: str = Field(description="Company name or id.")
+    batch_size: int = Field(default=100, ge=1, le=100, description="Operations per $batch.")
+
+
 def _connection_type(value: Any) -> str | None:
     """Discriminator: the ``type`` of a connection (``sql`` when omitted), None if unknown."""
     kind = value.get("type", "sql") if isinstance(value, dict) else getattr(value, "type", None)
@@ -159,7 +206,11 @@ def _connection_type(value: Any) -> str | None:
 
 
 ConnectionConfig = Annotated[
-    Union[Annotated[SqlConnection, Tag("sql")]],  # noqa: UP007 - more types will join
+    Union[  # noqa: UP007 - Annotated members need the long form
+        Annotated[SqlConnection, Tag("sql")],
+        Annotated[DataverseConnection, Tag("dataverse")],
+        Annotated[BusinessCentralConnection, Tag("business_central")],
+    ],
     Discriminator(
         _connection_type,
         custom_error_type="connection_type",

@@ -155,7 +155,7 @@ def test_an_unknown_connection_type(tmp_path):
     text = BASE.replace("erp: {type: sql", "erp: {type: soap")
     (problem,) = load_problems(write(tmp_path, text))
     assert problem.endswith(f":{line(text, 'type: soap')}: connections.erp.type: "
-                            "unknown connection type 'soap' (known: sql)")
+                            "unknown connection type 'soap' (known: sql, dataverse, business_central)")
 
 
 def test_an_unknown_transform_gets_a_suggestion(tmp_path):

@@ -1,0 +1,45 @@
+"""``syncbus emulate …``: local emulators of the external systems, for tests, demos and
+development sandboxes. Each serves until Ctrl-C."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["emulate"]
+
+emulate = typer.Typer(
+    help="Run a local emulator of an external system (a sandbox for development and tests).",
+    no_args_is_help=True,
+)
+
+Port = Annotated[int, typer.Option(help="TCP port to listen on.")]
+Host = Annotated[str, typer.Option(help="Interface to bind.")]
+Https = Annotated[bool, typer.Option("--https", help="Serve HTTPS with a generated local CA.")]
+CertDir = Annotated[Path, typer.Option(help="Where the CA (ca.pem) and server certificate go.")]
+Seed = Annotated[int, typer.Option(help="Load N realistic records at start (0: empty).")]
+Store = Annotated[Path | None, typer.Option(help="SQLite file keeping the data across restarts.")]
+
+
+@emulate.command("dataverse")
+def dataverse(port: Port = 8701, host: Host = "127.0.0.1", https: Https = False,
+              cert_dir: CertDir = Path(".syncbus/certs"), seed: Seed = 0,
+              store: Store = None) -> None:
+    """Emulate a Dataverse (Dynamics 365) organisation and its Entra ID token endpoint."""
+    from connectors.dataverse.emulator import serve
+
+    serve(host=host, port=port, https=https, cert_dir=cert_dir, seed=seed, store=store,
+          echo=typer.echo)
+
+
+@emulate.command("bc")
+def business_central(port: Port = 8702, host: Host = "127.0.0.1", https: Https = False,
+                     cert_dir: CertDir = Path(".syncbus/certs"), seed: Seed = 0,
+                     store: Store = None) -> None:
+    """Emulate a Business Central environment and its Entra ID token endpoint."""
+    from connectors.business_central.emulator import serve
+
+    serve(host=host, port=port, https=https, cert_dir=cert_dir, seed=seed, store=store,
+          echo=typer.echo)
