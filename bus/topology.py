@@ -6,6 +6,7 @@
                                                      │ x-delivery-limit exceeded
     syncbus.retry.<link>.<dir>.<seconds>s (quorum, TTL) ──expired──▶ back to the work queue
     syncbus.dead (fanout) ─────────────────────────▶ syncbus.dead  (quorum: the offline-transaction log)
+    syncbus.archive (quorum): transactions an operator set aside
 
 Everything is durable; the dead-lettering of quorum queues uses the at-least-once
 strategy (RabbitMQ ≥ 3.10), so a message moved by the broker itself can be
@@ -22,6 +23,7 @@ from kombu import Connection, Exchange, Queue
 from schemas.config import LinkConfig, SyncConfig
 
 __all__ = [
+    "ARCHIVE_QUEUE",
     "CHANGES_EXCHANGE",
     "DEAD_EXCHANGE",
     "DEAD_QUEUE",
@@ -36,6 +38,8 @@ CHANGES_EXCHANGE = "syncbus.changes"
 DEAD_EXCHANGE = "syncbus.dead"
 #: The offline-transaction log.
 DEAD_QUEUE = "syncbus.dead"
+#: Transactions an operator set aside (Archived): kept, never delivered.
+ARCHIVE_QUEUE = "syncbus.archive"
 
 _AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
@@ -90,6 +94,8 @@ def declare_topology(conn: Connection, config: SyncConfig) -> list[LinkQueues]:
         DEAD_QUEUE, exchange=dead_x, routing_key="", durable=True,
         queue_arguments={"x-queue-type": "quorum"},
     ).declare(channel=channel)
+    Queue(ARCHIVE_QUEUE, durable=True,
+          queue_arguments={"x-queue-type": "quorum"}).declare(channel=channel)
     declared = []
     for name, link in config.links.items():
         if not link.enabled:
