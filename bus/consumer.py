@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 BATCH_WAIT = 0.05
 #: Characters of an error text kept in message headers.
 MAX_ERROR_CHARS = 2000
+#: Failures kept in the history header (the oldest drop out first).
+MAX_HISTORY = 20
 
 
 class headers:  # noqa: N801 - a namespace of header names
@@ -58,6 +60,14 @@ class headers:  # noqa: N801 - a namespace of header names
     ERROR = "x-syncbus-error"
     ERROR_CLASS = "x-syncbus-error-class"
     RESPONSE = "x-syncbus-response"
+    #: Failed attempts in the current round (a replay starts a new round).
+    ROUND = "x-syncbus-round"
+    #: When the current round of retries began (the offline window runs from here).
+    RETRY_SINCE = "x-syncbus-retry-since"
+    #: The last failures, oldest first: [{"at", "class", "error"}].
+    HISTORY = "x-syncbus-history"
+    #: How often an operator replayed the transaction.
+    REPLAYS = "x-syncbus-replays"
 
 
 class Verdict(enum.Enum):
@@ -259,38 +269,62 @@ class BatchConsumer:
                             error_class=f"Crash.{type(exc).__name__}")
 
     def _copy(self, delivery: Delivery, decision: Decision) -> tuple[OutMessage, bool]:
-        """The retry or dead-letter copy of ``delivery``, and whether it is dead."""
-        now = datetime.now(UTC).isoformat()
+        """The retry or dead-letter copy of ``delivery``, and whether it is dead.
+
+        Transient failures are retried for the link's offline window (counted from the
+        first failure of this round; a replay starts a new round); a message that
+        crashes the consumer gets ``max_attempts`` tries; permanent failures are dead
+        at once. The headers keep the whole history across rounds and replays.
+        """
+        now = datetime.now(UTC)
+        stamp = now.isoformat()
         attempts = delivery.attempts + 1
+        round_ = int(delivery.headers.get(headers.ROUND, 0) or 0) + 1
         hdrs = dict(delivery.headers)
         hdrs.update({
             headers.ATTEMPTS: attempts,
+            headers.ROUND: round_,
             headers.LINK: self.queues.link,
             headers.ROUTING_KEY: delivery.original_routing_key,
-            headers.LAST_FAILURE: now,
+            headers.LAST_FAILURE: stamp,
             headers.ERROR: (decision.error or "")[:MAX_ERROR_CHARS],
             headers.ERROR_CLASS: decision.error_class or "",
         })
-        hdrs.setdefault(headers.FIRST_FAILURE, now)
+        hdrs.setdefault(headers.FIRST_FAILURE, stamp)
+        hdrs.setdefault(headers.RETRY_SINCE, stamp)
+        hdrs[headers.HISTORY] = _history(hdrs.get(headers.HISTORY), stamp, decision)
         if decision.response:
             hdrs[headers.RESPONSE] = decision.response[:MAX_ERROR_CHARS]
         props = delivery.message.properties
         content_type = props.get("content_type") or "application/cloudevents+json"
-        if decision.verdict is Verdict.RETRY and attempts < self.retry.max_attempts:
-            delay, queue = self._tier(attempts, decision.retry_after)
+        give_up = self._give_up(decision, round_, hdrs[headers.RETRY_SINCE], now)
+        if decision.verdict is Verdict.RETRY and give_up is None:
+            delay, queue = self._tier(round_, decision.retry_after)
             self._log.info("message_retry", event_id=delivery.message_id,
                            routing_key=delivery.original_routing_key, attempts=attempts,
                            delay=delay, error=decision.error)
             return OutMessage("", queue, delivery.body, hdrs, delivery.message_id,
                               mandatory=True, content_type=content_type), False
-        if decision.verdict is Verdict.RETRY:
-            hdrs[headers.ERROR] = (f"gave up after {attempts} attempts: {decision.error}")[
-                :MAX_ERROR_CHARS]
+        if give_up is not None:
+            hdrs[headers.ERROR] = f"{give_up}: {decision.error}"[:MAX_ERROR_CHARS]
         self._log.warning("message_dead_lettered", event_id=delivery.message_id,
                           routing_key=delivery.original_routing_key, attempts=attempts,
                           error=hdrs[headers.ERROR])
         return OutMessage(DEAD_EXCHANGE, delivery.original_routing_key, delivery.body, hdrs,
                           delivery.message_id, mandatory=True, content_type=content_type), True
+
+    def _give_up(self, decision: Decision, round_: int, since: str, now: datetime) -> str | None:
+        """Why a retried message stops retrying now, or None to retry again."""
+        if decision.verdict is not Verdict.RETRY:
+            return None
+        if (decision.error_class or "").startswith("Crash."):
+            if round_ >= self.retry.max_attempts:
+                return f"crashed the consumer {round_} times"
+            return None
+        waited = (now - datetime.fromisoformat(since)).total_seconds()
+        if waited >= self.retry.offline_window:
+            return f"still failing after {waited:.0f}s (offline window {self.retry.offline_window:g}s)"
+        return None
 
     def _tier(self, attempts: int, retry_after: float | None) -> tuple[float, str]:
         delay, queue = self.queues.retry_queue(attempts)
@@ -300,3 +334,10 @@ class BatchConsumer:
             if later and later[0][0] > delay:
                 delay, queue = later[0]
         return delay, queue
+
+
+def _history(previous: Any, stamp: str, decision: Decision) -> list[dict[str, str]]:
+    entries = list(previous) if isinstance(previous, list) else []
+    entries.append({"at": stamp, "class": decision.error_class or "",
+                    "error": (decision.error or "")[:300]})
+    return entries[-MAX_HISTORY:]

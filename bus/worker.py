@@ -47,6 +47,8 @@ log = structlog.get_logger(__name__)
 IDLE_SETTLE = 0.3
 #: Longest pause between two polls of a failing source.
 MAX_POLL_BACKOFF = 60.0
+#: Seconds between two trims of the Processed history.
+HOUSEKEEPING_INTERVAL = 3600.0
 #: Seconds a detector lease lasts without renewal (renewed every page and every poll).
 LEASE_TTL = 60.0
 
@@ -175,6 +177,7 @@ class Worker:
             self._thread(f"detector-{d.name}", self._detect_loop, d, interval, stop)
             for d, interval in self.detectors
         ]
+        threads.append(self._thread("housekeeping", self._housekeeping, stop))
         log.info("worker_started", detectors=len(self.detectors), links=len(self.consumers))
         stop.wait()
         log.info("worker_stopping")
@@ -215,6 +218,7 @@ class Worker:
             stop.set()
             for t in threads:
                 t.join()
+        self._purge_history()
         summary.links = self._link_summaries()
         summary.dead_total = self._count(DEAD_QUEUE)
         summary.seconds = time.monotonic() - started
@@ -287,6 +291,21 @@ class Worker:
             stop.wait(backoff)
         with contextlib.suppress(BusError):
             self._state().release_lease(detector.name, self.owner)
+
+    def _housekeeping(self, stop: threading.Event) -> None:
+        """Trim the Processed history to its retention, now and every hour."""
+        while not stop.is_set():
+            self._purge_history()
+            stop.wait(HOUSEKEEPING_INTERVAL)
+
+    def _purge_history(self) -> None:
+        try:
+            removed = self._state().purge_processed(self.config.state.history_retention)
+        except BusError as exc:
+            log.warning("history_purge_failed", error=exc.message)
+            return
+        if removed:
+            log.info("history_purged", removed=removed)
 
     def _lease(self, detector: Detector) -> bool:
         """Take or renew this worker's lease on ``detector``'s source entity.

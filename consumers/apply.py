@@ -180,8 +180,12 @@ class LinkApplier:
                 outcomes = self._write(fresh)
                 for item, outcome in zip(fresh, outcomes, strict=True):
                     decisions[item.index] = self._decide(item, outcome)
-                    if outcome.ok and isinstance(item.version, int):
+                    if not outcome.ok:
+                        continue
+                    if isinstance(item.version, int):
                         guard.record(item.record_key, item.version)
+                    guard.processed_event(event_id=item.event_id, entity=self.entity,
+                                          key=item.record_key, op=item.op, version=item.version)
         except (TransientError, PermanentError) as exc:
             # Nothing of this batch is recorded as applied: every record goes round again.
             self._log.warning("batch_failed", count=len(items), error=exc.message,

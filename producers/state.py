@@ -7,6 +7,8 @@ Tables:
   only after the broker confirmed the page (the cursor rule).
   ``syncbus_applied`` — per link and target record, the source version last applied
   (the ordering rule).
+  ``syncbus_processed`` — the Processed transactions (history, kept for a retention
+  period), so an operator can confirm that and when a record was delivered.
   ``syncbus_leases`` — which worker polls which source entity, so that several workers
   sharing a PostgreSQL state store never poll the same entity at once.
 """
@@ -18,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -36,6 +39,20 @@ checkpoints = sa.Table(
     sa.Column("cursor", sa.Text, nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_change_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+processed = sa.Table(
+    "syncbus_processed",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("link", sa.String(200), nullable=False),
+    sa.Column("entity", sa.String(200), nullable=False),
+    sa.Column("record_key", sa.Text, nullable=False),
+    sa.Column("op", sa.String(16), nullable=False),
+    sa.Column("version", sa.String(100), nullable=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Index("ix_syncbus_processed_link_key", "link", "record_key"),
 )
 
 leases = sa.Table(
@@ -190,6 +207,44 @@ class StateStore:
             yield guard
             self._save(conn, link, guard)
 
+    def processed_events(self, *, link: str | None = None, entity: str | None = None,
+                         key_contains: str | None = None, since: datetime | None = None,
+                         event_id: str | None = None,
+                         limit: int | None = None) -> list[dict[str, Any]]:
+        """Processed transactions, newest first, filtered.
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        query = sa.select(processed).order_by(processed.c.applied_at.desc(), processed.c.id.desc())
+        if link:
+            query = query.where(processed.c.link == link)
+        if entity:
+            query = query.where(processed.c.entity == entity)
+        if key_contains:
+            query = query.where(processed.c.record_key.contains(key_contains, autoescape=True))
+        if since:
+            query = query.where(processed.c.applied_at >= since)
+        if event_id:
+            query = query.where(processed.c.event_id == event_id)
+        if limit:
+            query = query.limit(limit)
+        with self._available(), self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def processed_counts(self) -> dict[str, int]:
+        """Processed transactions in the history, per link."""
+        query = sa.select(processed.c.link, sa.func.count()).group_by(processed.c.link)
+        with self._available(), self.engine.connect() as conn:
+            return {link: int(n) for link, n in conn.execute(query)}
+
+    def purge_processed(self, older_than: float) -> int:
+        """Drop Processed history older than ``older_than`` seconds; returns rows removed."""
+        cutoff = _now() - timedelta(seconds=older_than)
+        with self._available(), self.engine.begin() as conn:
+            return int(conn.execute(processed.delete().where(processed.c.applied_at < cutoff))
+                       .rowcount)
+
     def applied_version(self, link: str, key: str) -> int | None:
         """The version last applied for one record (for tooling and tests)."""
         with self.engine.connect() as conn:
@@ -212,9 +267,12 @@ class StateStore:
             )
 
     def _save(self, conn: Connection, link: str, guard: AppliedGuard) -> None:
+        now = _now()
+        if guard.processed:
+            conn.execute(processed.insert(),
+                         [{**row, "link": link, "applied_at": now} for row in guard.processed])
         if not guard.updates:
             return
-        now = _now()
         existing = guard.updates.keys() & guard.known.keys()
         fresh = [
             {"link": link, "record_key": k, "version": v, "applied_at": now}
@@ -241,6 +299,7 @@ class AppliedGuard:
     def __init__(self, known: Mapping[str, int]) -> None:
         self.known = dict(known)
         self.updates: dict[str, int] = {}
+        self.processed: list[dict[str, object]] = []
 
     def is_stale(self, key: str, version: int) -> bool:
         """True when a version newer than or equal to ``version`` was already applied."""
@@ -251,6 +310,12 @@ class AppliedGuard:
         """Remember ``version`` as applied for ``key`` (committed with the batch)."""
         if version > self.updates.get(key, -1):
             self.updates[key] = version
+
+    def processed_event(self, *, event_id: str, entity: str, key: str, op: str,
+                        version: object) -> None:
+        """Add an applied event to the Processed history (committed with the batch)."""
+        self.processed.append({"event_id": event_id, "entity": entity, "record_key": key,
+                               "op": op, "version": None if version is None else str(version)})
 
 
 def _engine_args(dialect: str) -> dict[str, object]:

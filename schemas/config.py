@@ -32,6 +32,7 @@ documented in ``docs/configuration.md``.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -54,10 +55,12 @@ __all__ = [
     "CONNECTION_TYPES",
     "ConnectionConfig",
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_OFFLINE_WINDOW",
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_RETRY_DELAYS",
     "DataverseConnection",
+    "Duration",
     "Endpoint",
     "FieldSpec",
     "LinkConfig",
@@ -68,6 +71,7 @@ __all__ = [
     "TRANSFORMS",
     "Transform",
     "map_key",
+    "parse_duration",
 ]
 
 #: Seconds between two polls of one source entity.
@@ -76,6 +80,8 @@ DEFAULT_POLL_INTERVAL = 5.0
 DEFAULT_PAGE_SIZE = 2000
 #: Messages a consumer maps and writes to its target in one batch.
 DEFAULT_BATCH_SIZE = 500
+#: Seconds a target may stay unreachable before its waiting changes count as errors.
+DEFAULT_OFFLINE_WINDOW = 24 * 3600.0
 #: Delays (seconds) of the retry tiers; the last one repeats until attempts run out.
 DEFAULT_RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 600.0)
 #: Connection ``type`` values this version understands (``type`` defaults to ``sql``).
@@ -136,12 +142,34 @@ class BrokerConfig(_Model):
         return v
 
 
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """``90``, ``"90s"``, ``"30m"``, ``"24h"``, ``"7d"`` → seconds (float)."""
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError("must be a duration like 30, 30s, 15m, 24h or 7d")
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    return value
+
+
+#: Seconds, written as a number or with a unit: 500ms, 30s, 15m, 24h, 7d.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
 class StateConfig(_Model):
     """The state store: cursors, applied versions, id map. SQLite or PostgreSQL."""
 
     url: str = Field(
         default="sqlite:///.syncbus/state.db",
         description="SQLAlchemy URL; PostgreSQL when several workers share the state.",
+    )
+    history_retention: Duration = Field(
+        default=7 * 86400.0, gt=0,
+        description="How long Processed transactions stay in the history (e.g. 7d).",
     )
 
 
@@ -341,13 +369,19 @@ FieldSource = Annotated[
 class RetryPolicy(_Model):
     """How transient failures (target down, time-out, 429, 5xx, lock) are retried."""
 
-    delays: list[float] = Field(
+    delays: list[Duration] = Field(
         default_factory=lambda: list(DEFAULT_RETRY_DELAYS),
         min_length=1,
-        description="Seconds to wait before retry N; the last delay repeats.",
+        description="Wait before retry N (e.g. [1s, 5s, 30s, 2m, 10m]); the last delay repeats.",
+    )
+    offline_window: Duration = Field(
+        default=DEFAULT_OFFLINE_WINDOW, gt=0,
+        description="How long a target may stay unreachable (time-outs, 429, 5xx, locks) while "
+        "its changes wait in retry, before they count as errors (offline mode).",
     )
     max_attempts: int = Field(
-        default=10, ge=1, description="Failed attempts after which the message is dead-lettered."
+        default=10, ge=1,
+        description="Attempts after which a message that crashes the consumer is dead-lettered.",
     )
 
     @field_validator("delays")
@@ -374,7 +408,7 @@ class LinkConfig(_Model):
     deletes: Literal["propagate", "ignore"] = Field(
         default="propagate", description="What a deletion in the source does to the target."
     )
-    poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
+    poll_interval: Duration = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
     page_size: int = Field(default=DEFAULT_PAGE_SIZE, ge=1, le=100_000)
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=10_000)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
