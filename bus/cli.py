@@ -13,6 +13,7 @@ import typer
 
 from bus import app
 from bus.cli_emulate import emulate
+from bus.cli_tx import tx
 
 __all__ = ["main"]
 
@@ -116,6 +117,7 @@ def demo(
 
 
 cli.add_typer(emulate, name="emulate")
+cli.add_typer(tx, name="tx")
 
 
 def main() -> None:

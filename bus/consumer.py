@@ -68,6 +68,10 @@ class headers:  # noqa: N801 - a namespace of header names
     HISTORY = "x-syncbus-history"
     #: How often an operator replayed the transaction.
     REPLAYS = "x-syncbus-replays"
+    #: The work queue the transaction belongs to (where a replay sends it).
+    QUEUE = "x-syncbus-queue"
+    #: When an operator archived the transaction.
+    ARCHIVED_AT = "x-syncbus-archived-at"
 
 
 class Verdict(enum.Enum):
@@ -285,6 +289,7 @@ class BatchConsumer:
             headers.ATTEMPTS: attempts,
             headers.ROUND: round_,
             headers.LINK: self.queues.link,
+            headers.QUEUE: self.queues.work,
             headers.ROUTING_KEY: delivery.original_routing_key,
             headers.LAST_FAILURE: stamp,
             headers.ERROR: (decision.error or "")[:MAX_ERROR_CHARS],

@@ -1,0 +1,257 @@
+"""``syncbus tx …``: the offline-transaction log (Resco CRM Sync's Offline Transactions tab).
+
+Statuses: pending (waiting for retry), processed (delivered; kept for the history's
+retention), error (in the dead-letter queue; the default view), archived (set aside).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bus.config import load_config
+from bus.txlog import STATUSES, MoveResult, Transaction, TxFilter, TxLog, parse_since
+from connectors.base import BusError, ConfigError
+from schemas.config import parse_duration
+
+__all__ = ["tx"]
+
+tx = typer.Typer(
+    help=(
+        "Browse and act on the offline-transaction log.\n\n"
+        "  syncbus tx list -c sync.yaml                      # Error transactions (the default)\n\n"
+        "  syncbus tx list -c sync.yaml --status pending --link customers\n\n"
+        "  syncbus tx show -c sync.yaml 3f2a…                # one transaction, whole history\n\n"
+        "  syncbus tx replay -c sync.yaml --all              # Set all to Pending\n\n"
+        "  syncbus tx archive -c sync.yaml --error-contains 'violates not-null'\n\n"
+        "  syncbus tx purge -c sync.yaml --archived --older-than 30d\n\n"
+        "  syncbus tx stats -c sync.yaml"
+    ),
+    no_args_is_help=True,
+)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")
+]
+LinkOpt = Annotated[str | None, typer.Option(help="Only this link.")]
+EntityOpt = Annotated[str | None, typer.Option(help="Only this source entity.")]
+KeyOpt = Annotated[str | None, typer.Option(
+    help="Only this record: a key value (17, A-1) or the key as JSON ('{\"id\":17}').")]
+SinceOpt = Annotated[str | None, typer.Option(
+    help="Only since then: 2h, 30m, 7d ago, or an ISO time (last failure / archive / delivery).")]
+ErrorOpt = Annotated[str | None, typer.Option(help="Only errors containing this text.")]
+
+_err = Console(stderr=True)
+
+
+def _open(config: Path) -> TxLog:
+    try:
+        return TxLog(load_config(config).config)
+    except ConfigError as exc:
+        _err.print(exc.message, markup=False)
+        for problem in exc.problems:
+            _err.print(f"  {problem}", markup=False)
+        raise typer.Exit(2) from None
+
+
+def _filter(ids: list[str] | None, link: str | None, entity: str | None, key: str | None,
+            since: str | None, error_contains: str | None) -> TxFilter:
+    try:
+        when = parse_since(since) if since else None
+    except ValueError:
+        _err.print(f"--since {since!r}: use 2h, 30m, 7d or an ISO time like 2026-11-24T10:00")
+        raise typer.Exit(2) from None
+    return TxFilter(ids=set(ids or ()), link=link, entity=entity, key=key, since=when,
+                    error_contains=error_contains)
+
+
+def _run(log: TxLog, action: object) -> None:
+    try:
+        action()  # type: ignore[operator]
+    except BusError as exc:
+        _err.print(f"syncbus: {exc.message}", markup=False)
+        raise typer.Exit(1) from None
+    finally:
+        log.close()
+
+
+@tx.command("list")
+def list_(
+    config: ConfigOpt,
+    status: Annotated[str, typer.Option(help="pending, processed, error or archived.")] = "error",
+    link: LinkOpt = None, entity: EntityOpt = None, key: KeyOpt = None, since: SinceOpt = None,
+    error_contains: ErrorOpt = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON array, events included.")] = False,
+) -> None:
+    """List transactions of one status (Error by default), filtered.
+
+    Example: syncbus tx list -c sync.yaml --entity customers --since 2h
+    """
+    if status not in STATUSES:
+        _err.print(f"--status {status!r}: one of {', '.join(STATUSES)}")
+        raise typer.Exit(2)
+    log = _open(config)
+    flt = _filter(None, link, entity, key, since, error_contains)
+
+    def show() -> None:
+        found = log.select(status, flt, limit)
+        if as_json:
+            json.dump([t.to_json() for t in found], sys.stdout, indent=2, default=str)
+            sys.stdout.write("\n")
+            return
+        _table(found, status)
+
+    _run(log, show)
+
+
+def _table(found: list[Transaction], status: str) -> None:
+    out = Console()
+    if not found:
+        out.print(f"no {status} transactions match")
+        return
+    table = Table("id", "link", "entity", "key", "op", "attempts",
+                  "delivered" if status == "processed" else "when", "error", box=None)
+    for t in found:
+        table.add_row(t.id, t.link or "?", t.entity or "?", t.key or "?", t.op or "?",
+                      str(t.attempts), (t.at or "")[:19], (t.error or "")[:70])
+    out.print(table)
+    out.print(f"{len(found)} {status} transaction(s)")
+
+
+@tx.command()
+def show(config: ConfigOpt, tx_id: Annotated[str, typer.Argument(help="Transaction (event) id.")],
+         ) -> None:
+    """Show one transaction in every status it has: headers, failure history, the event."""
+    log = _open(config)
+
+    def display() -> None:
+        found = log.find(tx_id)
+        if not found:
+            _err.print(f"no transaction {tx_id}")
+            raise typer.Exit(1)
+        json.dump([t.to_json() for t in found], sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+
+    _run(log, display)
+
+
+@tx.command()
+def replay(
+    config: ConfigOpt,
+    ids: Annotated[list[str] | None, typer.Argument(help="Transaction ids to replay.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every Error transaction.")] = False,
+    link: LinkOpt = None, entity: EntityOpt = None, key: KeyOpt = None, since: SinceOpt = None,
+    error_contains: ErrorOpt = None,
+) -> None:
+    """Set Error transactions to Pending: back to their link for a new delivery.
+
+    Crash-safe: each copy is confirmed by RabbitMQ before its original is removed.
+
+    Examples: syncbus tx replay -c sync.yaml 3f2a… 9b1c… · syncbus tx replay -c sync.yaml --all
+    · syncbus tx replay -c sync.yaml --link customers --error-contains timeout
+    """
+    _move(config, "replay", ids, all_, link, entity, key, since, error_contains)
+
+
+@tx.command()
+def archive(
+    config: ConfigOpt,
+    ids: Annotated[list[str] | None, typer.Argument(help="Transaction ids to archive.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every Error transaction.")] = False,
+    link: LinkOpt = None, entity: EntityOpt = None, key: KeyOpt = None, since: SinceOpt = None,
+    error_contains: ErrorOpt = None,
+) -> None:
+    """Set Error transactions to Archived: kept for reference, never delivered.
+
+    Example: syncbus tx archive -c sync.yaml --entity customers --error-contains duplicate
+    """
+    _move(config, "archive", ids, all_, link, entity, key, since, error_contains)
+
+
+def _move(config: Path, action: str, ids: list[str] | None, all_: bool, link: str | None,
+          entity: str | None, key: str | None, since: str | None,
+          error_contains: str | None) -> None:
+    flt = _filter(ids, link, entity, key, since, error_contains)
+    if flt.empty and not all_:
+        _err.print(f"say which transactions to {action}: ids, a filter (--link, --entity, --key, "
+                   "--since, --error-contains) or --all")
+        raise typer.Exit(2)
+    log = _open(config)
+
+    def progress(done: int) -> None:
+        _err.print(f"{action}: {done} done", highlight=False)
+
+    def act() -> None:
+        result: MoveResult = getattr(log, action)(flt, progress)
+        _report(action, result)
+
+    _run(log, act)
+
+
+def _report(action: str, result: MoveResult) -> None:
+    verb = {"replay": "replayed (Pending)", "archive": "archived"}.get(action, action)
+    typer.echo(f"{result.moved} transaction(s) {verb}")
+    for reason, n in result.skipped.items():
+        typer.echo(f"{n} left in place: {reason}")
+    if result.interrupted:
+        typer.echo("interrupted: the rest stay where they were; run the command again")
+        raise typer.Exit(130)
+
+
+@tx.command()
+def purge(
+    config: ConfigOpt,
+    archived: Annotated[bool, typer.Option("--archived", help="Delete Archived transactions.")
+                        ] = False,
+    processed: Annotated[bool, typer.Option("--processed", help="Trim the Processed history.")
+                         ] = False,
+    older_than: Annotated[str, typer.Option(help="Age: 30d, 12h …")] = "30d",
+) -> None:
+    """Delete Archived transactions (and/or Processed history) older than an age.
+
+    Example: syncbus tx purge -c sync.yaml --archived --older-than 30d
+    """
+    if not (archived or processed):
+        _err.print("say what to purge: --archived and/or --processed")
+        raise typer.Exit(2)
+    try:
+        age = float(parse_duration(older_than))
+    except ValueError:
+        _err.print(f"--older-than {older_than!r}: use a duration like 30d or 12h")
+        raise typer.Exit(2) from None
+    log = _open(config)
+
+    def act() -> None:
+        if archived:
+            result = log.purge_archived(age)
+            typer.echo(f"{result.moved} archived transaction(s) deleted")
+        if processed:
+            typer.echo(f"{log.purge_processed(age)} processed record(s) deleted from the history")
+
+    _run(log, act)
+
+
+@tx.command()
+def stats(config: ConfigOpt,
+          as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> None:
+    """Counts per link and status."""
+    log = _open(config)
+
+    def act() -> None:
+        counts = log.stats()
+        if as_json:
+            typer.echo(json.dumps(counts, indent=2))
+            return
+        table = Table("link", *STATUSES, box=None)
+        for link, row in sorted(counts.items()):
+            table.add_row(link, *(str(row[s]) for s in STATUSES))
+        Console().print(table)
+
+    _run(log, act)

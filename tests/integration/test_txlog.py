@@ -1,0 +1,297 @@
+"""The offline-transaction log: retries, dead letters, list / show / replay / archive / purge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pika
+import pytest
+import sqlalchemy as sa
+
+from bus import app
+from bus.config import load_config
+from bus.publisher import OutMessage, Publisher
+from bus.topology import CHANGES_EXCHANGE, DEAD_EXCHANGE, DEAD_QUEUE
+from bus.txlog import QueueBrowser, TxFilter, TxLog, parse_since
+from schemas.event import dumps, new_event
+from tests.proxy import TcpProxy
+from tests.support import wait_for
+from tests.syncenv import ROOT, insert_items, make_env, table_rows
+
+pytestmark = pytest.mark.integration
+
+NULLABLE_SOURCE = ("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, "
+                   "price NUMERIC, updated TIMESTAMP)")
+
+
+def tx_cli(config, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bus.cli", "tx", *args, "--config", str(config)],
+                          cwd=ROOT, text=True, capture_output=True, timeout=timeout)
+
+
+def _run(env) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    return app.run(env.config_path, until_idle=True, max_wait=60, echo=lines.append), lines
+
+
+@pytest.fixture
+def rejected(tmp_path, pg_url, amqp_url):
+    """A sync where rows 7, 17 and 27 are rejected by the target (NULL name)."""
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
+                   amqp_url=amqp_url, source_ddl=NULLABLE_SOURCE)
+    insert_items(env.source(), range(1, 41))
+    with env.source().begin() as conn:
+        conn.execute(sa.text("UPDATE items SET name = NULL WHERE id IN (7, 17, 27)"))
+    assert app.setup(env.config_path, echo=lambda _l: None) == 0
+    code, lines = _run(env)
+    assert code == app.EXIT_FAILED, lines
+    log = TxLog(load_config(env.config_path).config)
+    yield env, log
+    log.close()
+
+
+def test_permanent_errors_are_listed_with_the_targets_reason_and_every_filter_works(rejected):
+    env, log = rejected
+    errors = log.select("error")
+    assert sorted(json.loads(t.key)["id"] for t in errors) == [7, 17, 27]
+    assert all("null value" in t.error and t.error_class == "RecordRejected" for t in errors)
+    assert all(t.link == "items" and t.entity == "items" and t.attempts == 1 for t in errors)
+
+    assert [json.loads(t.key)["id"] for t in log.select("error", TxFilter(key="17"))] == [17]
+    assert len(log.select("error", TxFilter(key='{"id": 27}'))) == 1
+    assert len(log.select("error", TxFilter(link="items"))) == 3
+    assert log.select("error", TxFilter(link="other")) == []
+    assert len(log.select("error", TxFilter(entity="items"))) == 3
+    assert log.select("error", TxFilter(entity="orders")) == []
+    assert len(log.select("error", TxFilter(since=parse_since("1h")))) == 3
+    assert log.select("error", TxFilter(since=parse_since("2099-01-01T00:00"))) == []
+    assert len(log.select("error", TxFilter(error_contains="NOT-NULL CONSTRAINT"))) == 3
+    assert log.select("error", TxFilter(error_contains="deadlock")) == []
+    processed = log.select("processed", TxFilter(key="18"))
+    assert [t.key for t in processed] == ['{"id":18}'] and processed[0].at
+
+    listed = json.loads(tx_cli(env.config_path, "list", "--json", "--key", "17").stdout)
+    assert [t["key"] for t in listed] == ['{"id":17}']
+    assert listed[0]["event"]["data"]["record"]["name"] is None
+    shown = tx_cli(env.config_path, "show", listed[0]["id"])
+    assert shown.returncode == 0 and '"status": "error"' in shown.stdout
+    stats = json.loads(tx_cli(env.config_path, "stats", "--json").stdout)
+    assert stats["items"]["error"] == 3 and stats["items"]["processed"] == 37
+
+
+def test_replay_after_the_cause_is_fixed_delivers_and_empties_the_error_list(rejected):
+    env, log = rejected
+    with env.target().begin() as conn:
+        conn.execute(sa.text("ALTER TABLE items ALTER COLUMN name DROP NOT NULL"))
+
+    result = tx_cli(env.config_path, "replay", "--all")
+    assert result.returncode == 0 and "3 transaction(s) replayed" in result.stdout, result
+
+    code, lines = _run(env)
+    assert code == app.EXIT_OK, lines
+    assert table_rows(env.target()) == table_rows(env.source())
+    assert log.select("error") == []
+    assert len(log.select("processed", TxFilter(key="17"))) == 1
+
+
+def test_a_replay_that_fails_again_returns_to_error_with_its_whole_history(rejected):
+    env, log = rejected
+    first = log.select("error", TxFilter(key="7"))[0]
+    assert log.replay(TxFilter(ids={first.id})).moved == 1
+    assert len(log.select("error")) == 2
+
+    code, _ = _run(env)
+    assert code == app.EXIT_FAILED
+    again = log.select("error", TxFilter(key="7"))[0]
+    assert again.id == first.id
+    assert again.attempts == 2 and again.replays == 1
+    assert [h["class"] for h in again.history] == ["RecordRejected", "Replayed", "RecordRejected"]
+    assert again.first_failure == first.first_failure
+    assert again.last_failure > first.last_failure
+
+
+def test_archive_sets_aside_and_purge_deletes_old_archived_transactions(rejected):
+    env, log = rejected
+    target = log.select("error", TxFilter(key="27"))[0]
+    result = tx_cli(env.config_path, "archive", target.id)
+    assert result.returncode == 0 and "1 transaction(s) archived" in result.stdout
+
+    assert sorted(json.loads(t.key)["id"] for t in log.select("error")) == [7, 17]
+    archived = log.select("archived")
+    assert [t.id for t in archived] == [target.id] and archived[0].error == target.error
+    assert tx_cli(env.config_path, "purge", "--archived", "--older-than", "30d").stdout.startswith(
+        "0 archived")
+    assert len(log.select("archived")) == 1
+    time.sleep(0.1)
+    assert log.purge_archived(0.05).moved == 1
+    assert log.select("archived") == []
+    assert tx_cli(env.config_path, "replay").returncode == 2  # refuses to act on nothing said
+
+
+def test_bad_input_is_dead_lettered_with_a_reason_and_the_consumer_keeps_going(
+        tmp_path, pg_url, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
+                   amqp_url=amqp_url)
+    insert_items(env.source(), range(1, 11))
+    assert app.setup(env.config_path, echo=lambda _l: None) == 0
+    assert _run(env)[0] == app.EXIT_OK  # topology and cursor in place
+    good = new_event(connection="src", entity="items", op="upsert", key={"id": 99}, version=1,
+                     record={"id": 99, "name": "x", "qty": 1, "price": "1", "updated": None},
+                     modified_at=None, cursor=None)
+    publisher = Publisher(amqp_url)
+    publisher.publish_batch([
+        OutMessage(CHANGES_EXCHANGE, "src.items.upsert", b"not json {", message_id="bad-json"),
+        OutMessage(CHANGES_EXCHANGE, "src.items.upsert", b'{"id": "x", "data": {"op": "merge"}}',
+                   message_id="bad-event"),
+        OutMessage(CHANGES_EXCHANGE, "src.items.upsert", dumps(good), message_id=good["id"]),
+    ])
+    publisher.close()
+
+    code, _ = _run(env)
+    assert code == app.EXIT_FAILED
+    log = TxLog(load_config(env.config_path).config)
+    errors = {t.id: t for t in log.select("error")}
+    log.close()
+    assert set(errors) == {"bad-json", "bad-event"}
+    assert "malformed change event" in errors["bad-json"].error
+    assert "malformed change event" in errors["bad-event"].error
+    assert 99 in table_rows(env.target())
+
+
+def test_a_poison_message_reaches_the_log_through_the_delivery_limit(tmp_path, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/s.db",
+                   target_url=f"sqlite:///{tmp_path}/t.db", amqp_url=amqp_url)
+    config = load_config(env.config_path).config
+    config.broker.delivery_limit = 2
+    from kombu import Connection
+
+    from bus.topology import declare_topology
+    with Connection(amqp_url) as conn:
+        declare_topology(conn, config)
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = conn.channel()
+    channel.basic_publish(CHANGES_EXCHANGE, "src.items.upsert", b'{"poison": true}',
+                          pika.BasicProperties(message_id="poison", delivery_mode=2))
+    rejected = 0
+    for _ in range(100):  # a consumer that dies on it each time: delivered, never settled
+        method, _props, _body = channel.basic_get("syncbus.link.items.a2b")
+        if method is None:
+            time.sleep(0.05)  # the requeued message is on its way back, or dead-lettered
+            continue
+        channel.basic_reject(method.delivery_tag, requeue=True)
+        rejected += 1
+        if rejected > config.broker.delivery_limit:
+            break
+    conn.close()
+    assert rejected == config.broker.delivery_limit + 1  # the broker stops redelivering it
+
+    log = TxLog(config)
+    dead = wait_for(lambda: log.select("error"), timeout=10, message="not dead-lettered")
+    log.close()
+    assert dead[0].id == "poison" and dead[0].link == "items"
+    assert dead[0].error_class == "Broker.delivery_limit"
+    assert "dead-lettered by RabbitMQ: delivery_limit" in dead[0].error
+
+
+@pytest.mark.slow
+def test_target_down_for_30s_mid_sync_nothing_dead_lettered_everything_delivered(
+        tmp_path, pg_url, amqp_url):
+    url = sa.make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db",
+                   target_url=url.set(port=proxy.port).render_as_string(hide_password=False),
+                   amqp_url=amqp_url, link={"retry": {"delays": ["1s", "2s", "5s"]}})
+    src, dst = env.source(), sa.create_engine(pg_url)
+    insert_items(src, range(1, 5_001))
+    assert app.setup(env.config_path, echo=lambda _l: None) == 0
+    stop = threading.Event()
+    lines: list[str] = []
+    worker = threading.Thread(target=lambda: app.run(env.config_path, echo=lines.append, stop=stop),
+                              daemon=True)
+    worker.start()
+    try:
+        wait_for(lambda: len(table_rows(dst, columns=("id", "name"))) > 500, timeout=60,
+                 message="sync never started")
+        proxy.cut()
+        with src.begin() as conn:
+            conn.execute(sa.text("UPDATE items SET qty = 0 WHERE id % 2 = 0"))
+        log = TxLog(load_config(env.config_path).config)
+        pending = wait_for(lambda: log.select("pending"), timeout=30,
+                           message="nothing waited in retry while the target was down")
+        time.sleep(30)
+        assert log.select("error") == []
+        proxy.restore()
+        wait_for(lambda: table_rows(dst) == table_rows(src), timeout=90, interval=2,
+                 message="target never caught up")
+        assert log.select("error") == []
+        log.close()
+    finally:
+        stop.set()
+        worker.join(30)
+        proxy.close()
+    assert pending and all(t.status == "pending" for t in pending)
+
+
+@pytest.mark.slow
+def test_killing_a_replay_of_100000_transactions_loses_none(tmp_path, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/s.db",
+                   target_url=f"sqlite:///{tmp_path}/t.db", amqp_url=amqp_url)
+    config = load_config(env.config_path).config
+    from kombu import Connection
+
+    from bus.topology import declare_topology
+    with Connection(amqp_url) as conn:
+        declare_topology(conn, config)
+    ids = [str(uuid.uuid4()) for _ in range(100_000)]
+    publisher = Publisher(amqp_url)
+    hdrs = {"x-syncbus-link": "items", "x-syncbus-queue": "syncbus.link.items.a2b",
+            "x-syncbus-routing-key": "src.items.upsert", "x-syncbus-error": "boom",
+            "x-syncbus-attempts": 1}
+    for start in range(0, len(ids), 5_000):
+        publisher.publish_batch([
+            OutMessage(DEAD_EXCHANGE, "src.items.upsert", b'{"data": {"key": {"id": 1}}}', hdrs,
+                       i) for i in ids[start:start + 5_000]])
+    publisher.close()
+
+    proc = subprocess.Popen([sys.executable, "-m", "bus.cli", "tx", "replay", "--all",
+                             "--config", str(env.config_path)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    wait_for(lambda: _count(amqp_url, "syncbus.link.items.a2b") > 10_000, timeout=120,
+             message="the replay never got going")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    moved = _count(amqp_url, "syncbus.link.items.a2b")
+    assert moved < 100_000, "killed too late to prove anything"
+
+    # The broker puts the killed process's unacked messages back: none may be missing.
+    wait_for(lambda: _count(amqp_url, DEAD_QUEUE) + moved >= len(ids), timeout=30,
+             message="transactions are missing after the kill")
+    assert set(_ids(amqp_url, DEAD_QUEUE)) | set(_ids(amqp_url, "syncbus.link.items.a2b")) == set(
+        ids)
+    done = subprocess.run([sys.executable, "-m", "bus.cli", "tx", "replay", "--all", "--config",
+                           str(env.config_path)], cwd=ROOT, text=True, capture_output=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _count(amqp_url, DEAD_QUEUE) == 0
+    assert set(_ids(amqp_url, "syncbus.link.items.a2b")) == set(ids)
+
+
+def _count(amqp_url: str, queue: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        conn.close()
+
+
+def _ids(amqp_url: str, queue: str) -> list[str]:
+    """Message ids in ``queue`` (browsed, left in place)."""
+    with QueueBrowser(amqp_url) as browser:
+        return [props.message_id for _h, props, _b in browser.browse(queue)]
