@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,19 +108,34 @@ class Publisher:
                 connection dropped before every confirm arrived.
             BrokerConnectionError: the broker cannot be reached.
         """
+        self.publish_async(messages)(timeout)
+
+    def publish_async(self, messages: Sequence[OutMessage]) -> Callable[[float], None]:
+        """Start publishing ``messages``; the returned function waits for their confirms.
+
+        Lets a caller prepare the next batch while the broker confirms this one. The
+        wait function raises as :meth:`publish_batch` does.
+
+        Raises:
+            BrokerConnectionError: the broker cannot be reached.
+        """
         if not messages:
-            return
+            return _no_wait
         with self._lock:
             self._ensure_open()
             batch = _Batch(pending=len(messages))
             conn = self._conn
             assert conn is not None
             conn.ioloop.add_callback_threadsafe(lambda: self._publish_all(messages, batch))
-        if not batch.done.wait(timeout):
-            self._reset("confirm time-out")
-            raise PublishFailed(f"no confirm from {self._safe_url} within {timeout:.0f}s")
-        if batch.error is not None:
-            raise PublishFailed(f"publish to {self._safe_url} failed: {batch.error}")
+
+        def wait(timeout: float = CONFIRM_TIMEOUT) -> None:
+            if not batch.done.wait(timeout):
+                self._reset("confirm time-out")
+                raise PublishFailed(f"no confirm from {self._safe_url} within {timeout:.0f}s")
+            if batch.error is not None:
+                raise PublishFailed(f"publish to {self._safe_url} failed: {batch.error}")
+
+        return wait
 
     def close(self) -> None:
         """Close the connection and stop the I/O thread."""
@@ -262,3 +277,7 @@ class Publisher:
         tags, self._tags = self._tags, OrderedDict()
         for batch in set(tags.values()):
             batch.fail(reason)
+
+
+def _no_wait(_timeout: float = CONFIRM_TIMEOUT) -> None:
+    """Nothing was published, so there is nothing to wait for."""

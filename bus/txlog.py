@@ -19,10 +19,11 @@ queue, in order, when the browsing channel closes.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,6 +52,8 @@ __all__ = [
 
 #: Statuses an operator filters by.
 STATUSES = ("pending", "processed", "error", "archived")
+#: Seconds to wait for the confirms of one chunk of copies.
+CONFIRM_WAIT = 120.0
 #: Transactions moved per confirmed publish (then their originals are acked).
 MOVE_CHUNK = 2000
 #: Seconds without a delivery after which a browse decides the queue is exhausted.
@@ -313,6 +316,7 @@ class TxLog:
         """Copy (or drop, when ``copy`` returns None) matching messages, then ack them."""
         result = MoveResult()
         publisher = Publisher(self.url, name="syncbus-tx")
+        in_flight: _InFlight | None = None
         try:
             with self._browser() as browser:
                 chunk: list[tuple[Handle, OutMessage | None]] = []
@@ -327,11 +331,15 @@ class TxLog:
                             continue
                         chunk.append((tag, out))
                         if len(chunk) >= MOVE_CHUNK:
-                            result.moved += self._settle(browser, publisher, chunk)
+                            # Confirm and remove the previous chunk while this one is sent.
+                            result.moved += _finish(browser, in_flight)
+                            in_flight = _InFlight(chunk, publisher)
                             chunk = []
                             if progress:
                                 progress(result.moved)
-                    result.moved += self._settle(browser, publisher, chunk)
+                    result.moved += _finish(browser, in_flight)
+                    in_flight = None
+                    result.moved += _finish(browser, _InFlight(chunk, publisher))
                 except KeyboardInterrupt:
                     result.interrupted = True  # unacked originals return to the queue
         finally:
@@ -339,17 +347,6 @@ class TxLog:
         if progress:
             progress(result.moved)
         return result
-
-    @staticmethod
-    def _settle(browser: QueueBrowser, publisher: Publisher,
-                chunk: list[tuple[Handle, OutMessage | None]]) -> int:
-        """Publish the chunk's copies with confirms, then ack (remove) the originals."""
-        if not chunk:
-            return 0
-        publisher.publish_batch([m for _, m in chunk if m is not None])
-        for tag, _ in chunk:
-            browser.ack(tag)
-        return len(chunk)
 
     def _processed(self, flt: TxFilter, limit: int | None) -> list[Transaction]:
         rows = self.state.processed_events(
@@ -378,6 +375,24 @@ class TxLog:
         return QueueBrowser(self.url)
 
 
+class _InFlight:
+    """A chunk whose copies are being confirmed; its originals are acked once they are."""
+
+    def __init__(self, chunk: list[tuple[Handle, OutMessage | None]],
+                 publisher: Publisher) -> None:
+        self.handles = [handle for handle, _ in chunk]
+        self.wait = publisher.publish_async([m for _, m in chunk if m is not None])
+
+
+def _finish(browser: QueueBrowser, in_flight: _InFlight | None) -> int:
+    """Wait for the chunk's confirms, then remove its originals (the apply rule)."""
+    if in_flight is None or not in_flight.handles:
+        return 0
+    in_flight.wait(CONFIRM_WAIT)
+    browser.ack_all(in_flight.handles)
+    return len(in_flight.handles)
+
+
 class QueueBrowser:
     """Reads a queue without acknowledging (see module docstring).
 
@@ -396,6 +411,8 @@ class QueueBrowser:
         #: Per browsed queue: messages expected back once the browse ends.
         self._returning: dict[str, int] = {}
         self._handles: dict[tuple[int, int], str] = {}
+        #: Per channel: delivered, unacked tags in delivery (ascending) order.
+        self._outstanding: dict[int, list[int]] = {}
 
     def __enter__(self) -> QueueBrowser:
         return self
@@ -441,18 +458,35 @@ class QueueBrowser:
                 continue
             seen += 1
             item = inbox.popleft()
-            self._handles[id(item[0][0]), item[0][1]] = queue
+            channel, tag = item[0]
+            self._handles[id(channel), tag] = queue
+            self._outstanding.setdefault(id(channel), []).append(tag)
             yield item
             idle_since = time.monotonic()  # the caller's time is not idle time
         # The channels stay open so the caller can still ack; closing the browser returns
         # whatever was not acked to the queue.
 
-    def ack(self, handle: Handle) -> None:
-        channel, tag = handle
-        channel.basic_ack(tag)
-        queue = self._handles.pop((id(channel), tag), None)
-        if queue is not None:
-            self._returning[queue] -= 1
+    def ack_all(self, handles: Sequence[Handle]) -> None:
+        """Acknowledge (remove) browsed messages; one frame per channel when possible."""
+        by_channel: dict[int, tuple[Any, list[int]]] = {}
+        for channel, tag in handles:
+            by_channel.setdefault(id(channel), (channel, []))[1].append(tag)
+        for key, (channel, tags) in by_channel.items():
+            tags.sort()
+            outstanding = self._outstanding.get(key, [])
+            if bisect.bisect_right(outstanding, tags[-1]) == len(tags):
+                # Nothing else is held below the last tag: one multiple-ack removes them all.
+                channel.basic_ack(tags[-1], multiple=True)
+                self._outstanding[key] = outstanding[len(tags):]
+            else:
+                for tag in tags:
+                    channel.basic_ack(tag)
+                acked = set(tags)
+                self._outstanding[key] = [t for t in outstanding if t not in acked]
+            for tag in tags:
+                queue = self._handles.pop((key, tag), None)
+                if queue is not None:
+                    self._returning[queue] -= 1
 
 
 def parse_since(value: str) -> datetime:
