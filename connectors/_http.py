@@ -1,0 +1,477 @@
+"""The HTTP edge shared by the Dataverse and Business Central connectors.
+
+* :func:`make_client` — an ``httpx.Client`` with the CA bundle, time-out and bearer
+  auth (:class:`BearerAuth` renews the token once when the service answers 401);
+* :func:`map_http_errors` / :func:`raise_for_status` — the one place where httpx
+  exceptions and HTTP statuses become the bus error tree::
+
+      time-out, connect error, dropped connection  → ConnectorUnavailable
+      408, 429, 500, 502, 503, 504 (other 5xx)      → HttpTransientError (retry_after)
+      401, 403, 501, other 4xx without a key       → HttpPermanentError
+      other 4xx with a record key                  → HttpRecordRejected
+
+  The errors carry ``status`` (HTTP), ``code`` (the service's own code, e.g.
+  ``0x80060882`` or ``Request_EntityChanged``) and ``request_id``; the message is
+  the service's own text;
+* :class:`Throttle` — one limiter per service host shared by every caller in the
+  process (token bucket, shared pause on ``Retry-After``, backoff without it);
+* :func:`retrying` — retries :class:`~connectors.base.TransientError` through a throttle.
+
+Token acquisition (:class:`TokenProvider`, :func:`device_code_login`) lives in
+:mod:`connectors.identity.provider` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import json
+import random
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Generator, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import httpx
+
+from connectors.base import (
+    ConfigError,
+    ConnectorUnavailable,
+    PermanentError,
+    RecordRejected,
+    TransientError,
+)
+from connectors.identity.provider import OAuthSettings, TokenProvider, device_code_login
+
+__all__ = [
+    "BearerAuth",
+    "HttpPermanentError",
+    "HttpRecordRejected",
+    "HttpTransientError",
+    "OAuthSettings",
+    "Throttle",
+    "TokenProvider",
+    "device_code_login",
+    "make_client",
+    "map_http_errors",
+    "parse_retry_after",
+    "raise_for_status",
+    "retrying",
+    "service_error",
+]
+
+T = TypeVar("T")
+
+#: Statuses a later retry may cure.
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: 5xx statuses that no retry cures.
+PERMANENT_5XX = frozenset({501, 505})
+#: Longest service error text kept in an exception (characters).
+MAX_ERROR_TEXT = 500
+_REQUEST_ID_HEADERS = ("x-ms-service-request-id", "request-id", "x-ms-request-id",
+                       "ms-correlation-x", "client-request-id")
+Key = Mapping[str, Any] | None
+
+
+class _HttpDetails:
+    """What an HTTP error adds to a bus error: the service's error code and request id."""
+
+    code: str | None = None
+    request_id: str | None = None
+
+
+class HttpTransientError(_HttpDetails, TransientError):
+    """408/429/5xx: the service asked us to come back later (``retry_after`` if it said when)."""
+
+
+class HttpPermanentError(_HttpDetails, PermanentError):
+    """401/403/501 or a 4xx not tied to one record."""
+
+
+class HttpRecordRejected(_HttpDetails, RecordRejected):
+    """A 4xx answer about one record (``key``): validation, conflict, not found."""
+
+
+# -- client ----------------------------------------------------------------------------
+
+
+class BearerAuth(httpx.Auth):
+    """Adds ``Authorization: Bearer …`` and retries once with a new token after a 401.
+
+    Args:
+        provider: Where tokens come from.
+    """
+
+    def __init__(self, provider: TokenProvider) -> None:
+        self.provider = provider
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Send ``request`` with a token; on 401 renew the token and send it once more.
+
+        Raises:
+            TransientError: the token could not be obtained (see :meth:`TokenProvider.token`).
+            PermanentError: the credentials are refused.
+        """
+        token = self.provider.token()
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code == 401:
+            self.provider.invalidate(token)
+            request.headers["Authorization"] = f"Bearer {self.provider.token()}"
+            yield request
+
+
+def make_client(*, base_url: str, ca_bundle: str | None, timeout: float,
+                auth: TokenProvider | None) -> httpx.Client:
+    """An ``httpx.Client`` for one service.
+
+    Args:
+        base_url: The service root, e.g. ``https://org.crm.dynamics.com/api/data/v9.2/``.
+        ca_bundle: PEM file of CAs to trust (the emulator's ``ca.pem``); None: system CAs.
+        timeout: Seconds for connect, read, write and pool waits.
+        auth: Token provider for bearer auth; None sends no Authorization header.
+
+    Returns:
+        The client (close it with the connector).
+
+    Raises:
+        ConfigError: ``ca_bundle`` cannot be read.
+    """
+    verify: ssl.SSLContext | bool = True
+    if ca_bundle is not None:
+        if not Path(ca_bundle).is_file():
+            raise ConfigError(f"ca_bundle {ca_bundle} is not a readable file")
+        verify = ssl.create_default_context(cafile=ca_bundle)
+    return httpx.Client(base_url=base_url, verify=verify, timeout=httpx.Timeout(timeout),
+                        auth=BearerAuth(auth) if auth is not None else None,
+                        headers={"User-Agent": "syncbus"})
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP-date).
+
+    Args:
+        value: The header value, None when absent.
+        now: The current time for HTTP-dates (default: now, UTC).
+
+    Returns:
+        Seconds (never negative), or None when absent or unreadable.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def service_error(response: httpx.Response) -> tuple[str | None, str]:
+    """The service's own error code and message from an error response.
+
+    Understands OData errors (Dataverse, Business Central)
+    ``{"error": {"code", "message"}}``, OAuth errors ``{"error", "error_description"}``
+    and plain text (first line).
+
+    Args:
+        response: The error response (its body is read).
+
+    Returns:
+        ``(code or None, message)``; the message falls back to the reason phrase.
+    """
+    try:
+        body: Any = json.loads(response.read() or b"null")
+    except (ValueError, httpx.HTTPError):
+        body = None
+    code: Any = None
+    message: Any = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            code, message = error.get("code"), error.get("message")
+        elif isinstance(error, str):
+            code, message = error, body.get("error_description") or body.get("message")
+        else:
+            code, message = body.get("code"), body.get("message")
+    elif body is None and response.content:
+        text = response.content.decode(response.encoding or "utf-8", errors="replace")
+        message = text.strip().splitlines()[0] if text.strip() else None
+    text = str(message).strip() if message else response.reason_phrase or "no error text"
+    return (str(code) if code not in (None, "") else None), text[:MAX_ERROR_TEXT]
+
+
+def raise_for_status(response: httpx.Response, *, entity: str | None = None,
+                     key: Key = None) -> None:
+    """Raise the bus error an HTTP status means; do nothing for 1xx–3xx.
+
+    Args:
+        response: The service's answer.
+        entity: The entity concerned, for the error.
+        key: The record key concerned; a 4xx with a key is a :class:`RecordRejected`.
+
+    Raises:
+        HttpTransientError: 408, 429, 5xx except 501/505 (with ``retry_after`` from
+            ``Retry-After``, None when absent).
+        HttpPermanentError: 401, 403, 501, 505, and other 4xx without a key.
+        HttpRecordRejected: other 4xx with a key.
+    """
+    status = response.status_code
+    if status < 400:
+        return
+    code, message = service_error(response)
+    request = response.request
+    where = f"{request.url.host} answered {status} to {request.method} {request.url.path}"
+    text = f"{where}: {message}" + (f" [{code}]" if code else "")
+    error: HttpTransientError | HttpPermanentError | HttpRecordRejected
+    if status in TRANSIENT_STATUSES or (status >= 500 and status not in PERMANENT_5XX):
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        error = HttpTransientError(text, retry_after=retry_after, entity=entity, key=key,
+                                   status=status)
+    elif key is not None and status not in (401, 403) and status < 500:
+        error = HttpRecordRejected(text, entity=entity, key=key, status=status)
+    else:
+        error = HttpPermanentError(text, entity=entity, key=key, status=status)
+    error.code = code
+    error.request_id = next((response.headers[h] for h in _REQUEST_ID_HEADERS
+                             if h in response.headers), None)
+    raise error
+
+
+@contextlib.contextmanager
+def map_http_errors(*, entity: str | None = None, key: Key = None) -> Iterator[None]:
+    """Translate httpx exceptions raised inside the block into bus errors.
+
+    Args:
+        entity: The entity concerned, for the error.
+        key: The record key concerned.
+
+    Raises:
+        ConnectorUnavailable: time-out, connection refused/reset/dropped, TLS failure.
+        PermanentError: an invalid URL or request the client itself refused.
+        HttpTransientError, HttpPermanentError, HttpRecordRejected: an
+            ``httpx.HTTPStatusError`` (from ``response.raise_for_status()``), mapped by
+            :func:`raise_for_status`.
+    """
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        try:
+            raise_for_status(exc.response, entity=entity, key=key)
+        except (TransientError, PermanentError) as mapped:
+            raise mapped from exc
+    except httpx.TimeoutException as exc:
+        raise ConnectorUnavailable(f"{_target(exc)} timed out ({type(exc).__name__})",
+                                   entity=entity, key=key) from exc
+    except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+        raise PermanentError(f"invalid request to {_target(exc)}: {exc}", entity=entity,
+                             key=key) from exc
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ConnectorUnavailable(f"cannot reach {_target(exc)}: {reason}", entity=entity,
+                                   key=key) from exc
+    except httpx.HTTPError as exc:  # decoding errors, too many redirects
+        raise PermanentError(f"bad answer from {_target(exc)}: {exc}", entity=entity,
+                             key=key) from exc
+
+
+def _target(exc: Exception) -> str:
+    try:
+        request = exc.request  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return "the service"
+    return f"{request.url.scheme}://{request.url.netloc.decode()}"
+
+
+# -- throttling and retries ------------------------------------------------------------
+
+
+class Throttle:
+    """A limiter shared by every caller of one service host in this process.
+
+    A token bucket spaces requests at ``rate`` per second (bursts up to ``burst``);
+    :meth:`pause` holds every caller back until a moment (a ``Retry-After``), and
+    :meth:`backoff` does the same with an exponential, jittered delay when the service
+    gives no hint (Business Central's 429). Thread-safe.
+
+    Args:
+        rate: Requests per second; None: unlimited (pauses still apply).
+        burst: Bucket size; default ``max(1, rate)``.
+        base_delay: First backoff delay, seconds.
+        max_delay: Backoff cap, seconds.
+        clock: Monotonic seconds.
+        sleep: Sleep function (tests may speed it up).
+    """
+
+    _registry: ClassVar[dict[str, Throttle]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, *, rate: float | None = None, burst: float | None = None,
+                 base_delay: float = 1.0, max_delay: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._lock = threading.Lock()
+        self._clock, self._sleep = clock, sleep
+        self.base_delay, self.max_delay = base_delay, max_delay
+        self._rate: float | None = None
+        self._burst = self._tokens = 1.0
+        self.set_rate(rate, burst=burst)
+        self._tokens = self._burst  # start with a full bucket
+        self._stamp = clock()
+        self._paused_until = 0.0
+        self._failures = 0
+
+    @classmethod
+    def for_host(cls, host: str, *, rate: float | None = None) -> Throttle:
+        """The process-wide throttle of ``host`` (created on first use).
+
+        Args:
+            host: Host (``org.crm.dynamics.com``, ``127.0.0.1:8443``) or a URL.
+            rate: When given, (re)sets the requests-per-second rate.
+
+        Returns:
+            The shared instance.
+        """
+        name = (urllib.parse.urlsplit(host).netloc if "://" in host else host).lower()
+        with cls._registry_lock:
+            throttle = cls._registry.get(name)
+            if throttle is None:
+                throttle = cls._registry[name] = cls(rate=rate)
+        if rate is not None:
+            throttle.set_rate(rate)
+        return throttle
+
+    def set_rate(self, rate: float | None, *, burst: float | None = None) -> None:
+        """Change the rate (None: unlimited) and bucket size.
+
+        Args:
+            rate: Requests per second.
+            burst: Bucket size; default ``max(1, rate)``.
+        """
+        with self._lock:
+            self._rate = rate if rate and rate > 0 else None
+            self._burst = burst if burst is not None else max(1.0, rate or 1.0)
+            self._tokens = min(self._tokens, self._burst)
+
+    @property
+    def paused_for(self) -> float:
+        """Seconds the current pause still lasts (0 when none)."""
+        return max(0.0, self._paused_until - self._clock())
+
+    def acquire(self) -> float:
+        """Wait until a request may go out: no pause in force and a token in the bucket.
+
+        Returns:
+            Seconds waited.
+        """
+        waited = 0.0
+        while True:
+            with self._lock:
+                now = self._clock()
+                delay = self._paused_until - now
+                if delay <= 0:
+                    delay = self._take_token(now)
+                if delay <= 0:
+                    return waited
+            self._sleep(delay)
+            waited += delay
+
+    def _take_token(self, now: float) -> float:
+        if self._rate is None:
+            return 0.0
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self._rate
+
+    def pause(self, seconds: float) -> None:
+        """Hold every caller back for ``seconds`` (extends, never shortens, a pause).
+
+        Args:
+            seconds: The service's ``Retry-After``.
+        """
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))
+
+    def backoff(self) -> float:
+        """Pause everyone for an exponential, jittered delay (no ``Retry-After`` given).
+
+        Callers that fail while a pause is already in force do not grow it further.
+
+        Returns:
+            Seconds until the pause ends.
+        """
+        with self._lock:
+            now = self._clock()
+            if self._paused_until <= now:
+                ceiling = min(self.max_delay, self.base_delay * 2 ** self._failures)
+                self._failures += 1
+                self._paused_until = now + random.uniform(ceiling / 2, ceiling)
+            return self._paused_until - now
+
+    def success(self) -> None:
+        """A request went through: the next backoff starts small again."""
+        with self._lock:
+            self._failures = 0
+
+
+def retrying(func: Callable[[], T], *, attempts: int = 4, throttle: Throttle | None = None,
+             max_wait: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``func`` until it succeeds, retrying :class:`TransientError` up to ``attempts``.
+
+    With a throttle, every call waits for it first; a ``retry_after`` pauses the
+    throttle for all callers, and a transient error without one triggers its shared
+    backoff. Without a throttle the waits are local.
+
+    Args:
+        func: The operation (no arguments; use a lambda or ``functools.partial``).
+        attempts: Calls in total, at least 1.
+        throttle: The service host's :class:`Throttle`.
+        max_wait: A ``retry_after`` longer than this is not waited for: the error is
+            raised at once so the bus defers the message instead.
+        sleep: Sleep function when there is no throttle.
+
+    Returns:
+        What ``func`` returned.
+
+    Raises:
+        TransientError: the last attempt's error, or one asking for more than ``max_wait``.
+        PermanentError: at once, never retried.
+    """
+    failures = 0
+    while True:
+        if throttle is not None:
+            throttle.acquire()
+        try:
+            result = func()
+        except TransientError as exc:
+            failures += 1
+            wait = exc.retry_after
+            if throttle is not None and wait is not None:
+                throttle.pause(wait)
+            elif throttle is not None:
+                throttle.backoff()
+            if failures >= attempts or (wait is not None and wait > max_wait):
+                raise
+            if throttle is None:
+                sleep(wait if wait is not None else
+                      random.uniform(0, min(max_wait, 2.0 ** failures)))
+            continue
+        if throttle is not None:
+            throttle.success()
+        return result
