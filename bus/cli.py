@@ -13,6 +13,7 @@ import typer
 
 from bus import app
 from bus.cli_emulate import emulate
+from bus.cli_events import register as register_event_commands
 from bus.cli_tx import tx
 
 __all__ = ["main"]
@@ -26,6 +27,8 @@ cli = typer.Typer(
         "  syncbus setup --config sync.yaml        # prepare sources for change tracking\n\n"
         "  syncbus run --config sync.yaml          # sync continuously until Ctrl-C\n\n"
         "  syncbus run --config sync.yaml --until-idle   # one 'Sync All' pass (cron)\n\n"
+        "  syncbus tx list --config sync.yaml      # the offline-transaction log\n\n"
+        "  syncbus tail 'crm.customers.*'          # watch change events live\n\n"
         "  syncbus demo                            # a SQLite → SQLite sync on built-in data"
     ),
     no_args_is_help=True,
@@ -117,6 +120,7 @@ def demo(
 
 
 cli.add_typer(emulate, name="emulate")
+register_event_commands(cli)
 cli.add_typer(tx, name="tx")
 
 

@@ -18,16 +18,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+from amqp.exceptions import PreconditionFailed
 from kombu import Connection, Exchange, Queue
 
-from schemas.config import LinkConfig, SyncConfig
+from schemas.config import BrokerConfig, LinkConfig, SyncConfig
 
 __all__ = [
     "ARCHIVE_QUEUE",
     "CHANGES_EXCHANGE",
     "DEAD_EXCHANGE",
     "DEAD_QUEUE",
+    "HISTORY_STREAM",
     "LinkQueues",
+    "declare_history_stream",
     "declare_topology",
     "link_queues",
 ]
@@ -123,4 +127,55 @@ def declare_topology(conn: Connection, config: SyncConfig) -> list[LinkQueues]:
                 },
             ).declare(channel=channel)
         declared.append(lq)
+    declare_history_stream(conn, config.broker)
     return declared
+
+
+#: The stream every change event is also stored in (bound to ``syncbus.changes`` with ``#``).
+HISTORY_STREAM = "syncbus.history"
+
+
+def declare_history_stream(conn: Connection, retention: BrokerConfig | None = None) -> bool:
+    """Declare the history stream and bind it to every change event; safe to run again.
+
+    Retention is by age and size (``x-max-age``, ``x-max-length-bytes``) and acts on
+    whole segments (``x-stream-max-segment-size-bytes``). RabbitMQ cannot change the
+    arguments of an existing queue: when the stream exists with other ones, it is kept
+    as it is and a warning says how to change its retention (a policy).
+
+    Args:
+        conn: An open kombu connection; the declaration uses a channel of its own.
+        retention: The broker config's ``history_*`` settings (default: the defaults).
+
+    Returns:
+        False when the stream exists with other retention arguments, else True.
+
+    Raises:
+        kombu / amqp errors other than a retention mismatch (callers translate them).
+    """
+    cfg = retention or BrokerConfig()
+    arguments = {
+        "x-queue-type": "stream",
+        "x-max-age": f"{int(cfg.history_max_age)}s",
+        "x-max-length-bytes": cfg.history_max_bytes,
+        "x-stream-max-segment-size-bytes": cfg.history_segment_bytes,
+    }
+    changes = Exchange(CHANGES_EXCHANGE, type="topic", durable=True)
+    channel = conn.channel()
+    try:
+        changes.declare(channel=channel)
+        try:
+            Queue(HISTORY_STREAM, exchange=changes, routing_key="#", durable=True,
+                  queue_arguments=arguments).declare(channel=channel)
+        except PreconditionFailed as exc:
+            structlog.get_logger(__name__).warning(
+                "history_stream_kept", stream=HISTORY_STREAM, reason=str(exc),
+                hint="queue arguments cannot change; set the retention with a policy "
+                     "(max-age, max-length-bytes, stream-max-segment-size-bytes) "
+                     "or delete the stream")
+            channel = conn.channel()
+            channel.queue_bind(HISTORY_STREAM, CHANGES_EXCHANGE, "#")
+            return False
+        return True
+    finally:
+        channel.close()

@@ -50,6 +50,7 @@ from pydantic import (
 from schemas.event import NAME_PATTERN
 
 __all__ = [
+    "AlertRule",
     "BrokerConfig",
     "BusinessCentralConnection",
     "CONNECTION_TYPES",
@@ -64,6 +65,7 @@ __all__ = [
     "Endpoint",
     "FieldSpec",
     "LinkConfig",
+    "MetricsConfig",
     "RetryPolicy",
     "SqlConnection",
     "StateConfig",
@@ -131,6 +133,20 @@ class BrokerConfig(_Model):
         description="Deliveries after which a message that keeps crashing the consumer "
         "is dead-lettered by RabbitMQ itself (x-delivery-limit).",
     )
+    history_max_age: Duration = Field(
+        default=7 * 86400.0, ge=1,
+        description="How long change events stay in the history stream syncbus.history "
+        "(x-max-age), e.g. 7d. Applies when the stream is created.",
+    )
+    history_max_bytes: int = Field(
+        default=10_000_000_000, ge=1_000_000,
+        description="Largest size of the history stream in bytes (x-max-length-bytes).",
+    )
+    history_segment_bytes: int = Field(
+        default=100_000_000, ge=100_000,
+        description="Segment file size of the history stream (x-stream-max-segment-size-bytes); "
+        "retention removes whole segments, so keep it well below history_max_bytes.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -170,6 +186,10 @@ class StateConfig(_Model):
     history_retention: Duration = Field(
         default=7 * 86400.0, gt=0,
         description="How long Processed transactions stay in the history (e.g. 7d).",
+    )
+    run_retention: Duration = Field(
+        default=30 * 86400.0, gt=0,
+        description="How long sync run records (`syncbus history`) are kept (e.g. 30d).",
     )
 
 
@@ -213,10 +233,72 @@ class DataverseConnection(_OAuthConnection):
     url: str = Field(description="Organisation URL, e.g. https://contoso.crm4.dynamics.com")
     batch_size: int = Field(default=1000, ge=1, le=1000, description="Operations per $batch.")
     page_size: int = Field(default=5000, ge=1, le=5000, description="odata.maxpagesize.")
+    entities: list[str] | None = Field(
+        default=None, description="Tables (logical names) to describe; default all. Listing "
+        "them keeps metadata discovery small on a real organisation.")
+    state_dir: str = Field(
+        default=".syncbus/dataverse", description="Directory of the token cache "
+        "(<connection>.tokens.json, owner-only) and of the key set that finds deletes after "
+        "an expired delta token (<connection>.keys.db).")
+    retry_attempts: int = Field(
+        default=4, ge=1, le=20, description="Attempts per request on 429, 5xx and time-outs "
+        "(Retry-After honoured) before the failure is left to the bus's retry queues.")
+    max_retry_wait: Duration = Field(
+        default=60.0, gt=0, description="A Retry-After longer than this is not waited for "
+        "inside the connector; the bus defers the changes instead.")
+    rate_limit: float | None = Field(
+        default=None, gt=0, description="Requests per second to the organisation, shared by "
+        "every writer in the process (default: none, pause only when Dataverse answers 429).")
 
 
 class BusinessCentralConnection(_OAuthConnection):
-    """A Business Central environment and company (API v2.0)."""
+    """A Business Central environment and company (API v2.0).
+
+    Entities are entity sets of the API routes in ``apis`` (``customers``,
+    ``salesOrders``, Resco's ``RescoCustomer``…); ``entities`` tunes them one by one.
+    """
+
+    class Entity(_Model):
+        """How one entity set is read, written and checked for deletions."""
+
+        detection: Literal["auto", "row_version", "modified"] = Field(
+            default="auto",
+            description="Change detection: by row version (RowVersionNumber / "
+            "systemRowVersion, where the page has one), by lastModifiedDateTime with an "
+            "overlap window, or auto (row version when present).")
+        overlap: Duration | None = Field(
+            default=None, ge=0,
+            description="Seconds re-read before the last seen lastModifiedDateTime, so equal "
+            "timestamps and late commits are not missed; default: the connection's overlap.")
+        sync_deletion: bool = Field(
+            default=False,
+            description="Detect deletions by periodic key-set reconciliation (Resco's \"Sync "
+            "Deletion\"): slower, off by default.")
+        reconcile_interval: Duration = Field(
+            default=3600.0, ge=0, description="Seconds between two reconciliations.")
+        webhook: bool = Field(
+            default=False,
+            description="Subscribe to webhook notifications (needs `webhooks`): changes "
+            "trigger an immediate poll, deleted notifications become deletions.")
+        key: list[str] = Field(
+            default_factory=list,
+            description="Extra upsert key (e.g. [email]) besides `number`; sent in change "
+            "keys so deletions can be matched by it.")
+
+    class Webhooks(_Model):
+        """Where Business Central sends notifications, and the receiver that takes them."""
+
+        notification_url: str = Field(
+            description="Public URL Business Central posts notifications to (https online).")
+        listen: str | None = Field(
+            default=None,
+            description="host:port the built-in receiver binds, e.g. 0.0.0.0:8790; None when "
+            "another process receives and calls the connector's notify().")
+        client_state: SecretStr | None = Field(
+            default=None, description="Shared secret echoed in every notification.")
+        renew_before: Duration = Field(
+            default=86400.0, gt=0,
+            description="Renew a subscription this long before its 3-day expiry.")
 
     type: Literal["business_central"] = "business_central"
     url: str = Field(
@@ -225,6 +307,28 @@ class BusinessCentralConnection(_OAuthConnection):
     environment: str = Field(default="production", description="Environment name.")
     company: str = Field(description="Company name or id.")
     batch_size: int = Field(default=100, ge=1, le=100, description="Operations per $batch.")
+    apis: list[str] = Field(
+        default_factory=lambda: ["v2.0", "Resco/RescoIntegrations/v2.0"],
+        description="API routes whose entity sets are entities, first match wins "
+        "(publisher/group/version for custom APIs).")
+    entities: dict[str, Entity] = Field(
+        default_factory=dict, description="Per-entity settings, by entity set name.")
+    webhooks: Webhooks | None = Field(default=None, description="Webhook receiver settings.")
+    overlap: Duration = Field(
+        default=300.0, ge=0,
+        description="Default overlap window (seconds) of lastModifiedDateTime detection.")
+    index_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the key index used for deletions (id → key); "
+        "default sqlite:///.syncbus/bc-<connection>.db; PostgreSQL when workers move.")
+    max_retries: int = Field(
+        default=4, ge=1, description="Attempts per request on 429, 5xx and time-outs.")
+    backoff: float = Field(
+        default=1.0, gt=0,
+        description="First backoff delay after a 429 (no Retry-After); doubles, with jitter.")
+    conflict: Literal["retry_once", "fail"] = Field(
+        default="retry_once",
+        description="On a stale ETag (409/412): re-read and retry once, or fail at once.")
 
 
 def _connection_type(value: Any) -> str | None:
@@ -392,6 +496,32 @@ class RetryPolicy(_Model):
         return v
 
 
+class AlertRule(_Model):
+    """An alert rule of a link: more than ``errors`` errors within ``minutes`` → ``action``.
+
+    Errors are changes dead-lettered by the link (permanent failures, retries given up),
+    counted across every worker. ``pause`` stops the link's consumers: its changes stay
+    queued, nothing is lost, until ``syncbus link resume``.
+    """
+
+    errors: int = Field(ge=0, description="Errors tolerated in the window; one more fires the rule.")
+    minutes: float = Field(default=15.0, gt=0, le=7 * 24 * 60,
+                           description="Length of the window, in minutes.")
+    action: Literal["pause", "log"] = Field(
+        default="pause", description="pause the link (and log), or only log the event.")
+
+
+class MetricsConfig(_Model):
+    """The worker's HTTP port: Prometheus metrics, /healthz and /readyz."""
+
+    port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Port to listen on (0: any free port); omitted: no HTTP server.")
+    host: str = Field(default="0.0.0.0", description="Address to bind; 127.0.0.1 for local only.")
+    sample_interval: Duration = Field(
+        default=15.0, gt=0, description="Seconds between two samples of the queue depths.")
+
+
 class LinkConfig(_Model):
     """A one-way flow: changes of ``source`` are mapped and upserted into ``target``."""
 
@@ -412,6 +542,8 @@ class LinkConfig(_Model):
     page_size: int = Field(default=DEFAULT_PAGE_SIZE, ge=1, le=100_000)
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=10_000)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    alert: AlertRule | None = Field(
+        default=None, description="Pause (or log) the link when it fails too often.")
     enabled: bool = True
 
     @field_validator("key", mode="before")
@@ -453,5 +585,6 @@ class SyncConfig(_Model):
 
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     connections: dict[Name, ConnectionConfig] = Field(min_length=1)
     links: dict[Name, LinkConfig] = Field(default_factory=dict)

@@ -47,6 +47,9 @@ from sqlalchemy.pool import NullPool
 from tests.rabbit_node import RabbitNode, RabbitNodeError, sweep_stale_dirs
 from tests.support import port_is_open, wait_for
 
+#: Every change event published in the suite is checked against the JSON Schema.
+pytest_plugins = ["tests.event_contract"]
+
 __all__ = ["wait_for"]  # re-exported for convenience; prefer `from tests.support import ...`
 
 AMQP_ENV = "SYNCBUS_TEST_AMQP_URL"

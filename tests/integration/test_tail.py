@@ -1,0 +1,90 @@
+"""``syncbus tail`` as a user runs it: a subprocess printing the events of a real sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from jsonschema import Draft202012Validator
+
+from bus import app
+from schemas.event import SCHEMA_FILE
+from tests.syncenv import ROOT, insert_items, make_env
+
+pytestmark = pytest.mark.integration
+
+
+def _tail(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bus.cli", "tail", *args], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def _output(proc: subprocess.Popen[str]) -> list[str]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out.splitlines()
+
+
+def _sync(env) -> None:
+    lines: list[str] = []
+    assert app.run(env.config_path, until_idle=True, max_wait=60,
+                   echo=lines.append) == app.EXIT_OK, lines
+
+
+@pytest.fixture
+def env(tmp_path, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/src.db",
+                   target_url=f"sqlite:///{tmp_path}/dst.db", amqp_url=amqp_url)
+    insert_items(env.source(), range(1, 11))
+    lines: list[str] = []
+    assert app.setup(env.config_path, echo=lines.append) == app.EXIT_OK, lines
+    return env
+
+
+def test_tail_prints_the_matching_live_events_one_line_each(env):
+    proc = _tail("src.items.delete", "--config", str(env.config_path), "--limit", "2")
+    assert proc.stderr is not None
+    assert proc.stderr.readline().startswith("watching live events matching 'src.items.delete'")
+    _sync(env)  # ten upserts: not matching
+    with env.source().begin() as conn:
+        conn.execute(sa.text("DELETE FROM items WHERE id IN (4, 6)"))
+    _sync(env)
+    lines = _output(proc)
+    assert len(lines) == 2, lines
+    for line, key in zip(lines, (4, 6), strict=True):
+        words = line.split()
+        assert words[2:] == ["src.items.delete", f'{{"id":{key}}}', words[4], "(deleted)"]
+        assert words[4].startswith("v")
+
+
+def test_tail_from_first_replays_the_history_with_offsets(env):
+    _sync(env)
+    lines = _output(_tail("src.items.*", "--amqp-url", env.amqp_url, "--from", "first",
+                          "--limit", "3"))
+    assert [line.split()[0] for line in lines] == ["#0", "#1", "#2"]
+    assert all("src.items.upsert" in line and line.endswith("*") for line in lines)
+
+
+def test_tail_json_prints_raw_events_that_validate_against_the_schema(env):
+    _sync(env)
+    lines = _output(_tail("--amqp-url", env.amqp_url, "--from", "5", "--json", "-n", "5"))
+    validator = Draft202012Validator(json.loads(SCHEMA_FILE.read_text()))
+    events = [json.loads(line) for line in lines]
+    assert [e["data"]["key"]["id"] for e in events] == [6, 7, 8, 9, 10]
+    assert all(not list(validator.iter_errors(e)) for e in events)
+
+
+def test_tail_explains_bad_arguments_and_a_missing_history(env, amqp_url):
+    bad = _tail("--from", "yesterday", "--amqp-url", amqp_url)
+    _, err = bad.communicate(timeout=60)
+    assert bad.returncode == 2 and "first, last, next" in err
+    missing = _tail("--from", "first", "--amqp-url", amqp_url)  # no worker ran yet
+    _, err = missing.communicate(timeout=60)
+    assert missing.returncode == 1 and "no history stream" in err
