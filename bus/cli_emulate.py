@@ -27,7 +27,19 @@ Store = Annotated[Path | None, typer.Option(help="SQLite file keeping the data a
 def dataverse(port: Port = 8701, host: Host = "127.0.0.1", https: Https = False,
               cert_dir: CertDir = Path(".syncbus/certs"), seed: Seed = 0,
               store: Store = None) -> None:
-    """Emulate a Dataverse (Dynamics 365) organisation and its Entra ID token endpoint."""
+    """Emulate a Dataverse (Dynamics 365) organisation and its Entra ID token endpoint.
+
+    Its token endpoint accepts, by default:
+
+    tenant 00000000-0000-0000-0000-0000000000aa
+
+    client id 00000000-0000-0000-0000-0000000000c1
+
+    client secret syncbus-emulator-secret
+
+    The authority is https://127.0.0.1:PORT/TENANT; MSAL needs --https (trust
+    CERT_DIR/ca.pem). See docs/dataverse.md.
+    """
     from connectors.dataverse.emulator import serve
 
     serve(host=host, port=port, https=https, cert_dir=cert_dir, seed=seed, store=store,
@@ -38,7 +50,19 @@ def dataverse(port: Port = 8701, host: Host = "127.0.0.1", https: Https = False,
 def business_central(port: Port = 8702, host: Host = "127.0.0.1", https: Https = False,
                      cert_dir: CertDir = Path(".syncbus/certs"), seed: Seed = 0,
                      store: Store = None) -> None:
-    """Emulate a Business Central environment and its Entra ID token endpoint."""
+    """Emulate a Business Central environment and its Entra ID token endpoint.
+
+    It serves tenant 00000000-0000-0000-0000-0000000000aa, environment production
+    and company "CRONUS USA, Inc."; its token endpoint accepts:
+
+    client id 00000000-0000-0000-0000-0000000000c1
+
+    client secret syncbus-emulator-secret
+
+    The API is https://127.0.0.1:PORT/v2.0/TENANT/production/api/v2.0/ and the
+    authority host is https://127.0.0.1:PORT; MSAL needs --https (trust
+    CERT_DIR/ca.pem). See docs/business-central.md.
+    """
     from connectors.business_central.emulator import serve
 
     serve(host=host, port=port, https=https, cert_dir=cert_dir, seed=seed, store=store,

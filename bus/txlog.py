@@ -41,9 +41,9 @@ from schemas.config import SyncConfig, parse_duration
 from schemas.event import canonical_key
 
 __all__ = [
-    "STATUSES",
     "MoveResult",
     "QueueBrowser",
+    "STATUSES",
     "Transaction",
     "TxFilter",
     "TxLog",

@@ -11,6 +11,9 @@ Tables:
   period), so an operator can confirm that and when a record was delivered.
   ``syncbus_leases`` — which worker polls which source entity, so that several workers
   sharing a PostgreSQL state store never poll the same entity at once.
+
+The operational tables (detector polls, link pause flags and counters, activity, sync
+run history) are described in :mod:`producers.state_ops`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from bus.redact import redact_text, redact_url
 from connectors.base import ConnectorUnavailable
+from producers.state_ops import OpsStateMixin, aware, ops_metadata
 
 __all__ = ["AppliedGuard", "StateStore"]
 
@@ -77,7 +81,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class StateStore:
+class StateStore(OpsStateMixin):
     """Access to the state tables; thread-safe (one pooled engine).
 
     Args:
@@ -96,6 +100,7 @@ class StateStore:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             metadata.create_all(self.engine)
+            ops_metadata.create_all(self.engine)
         except sa.exc.OperationalError as exc:
             raise ConnectorUnavailable(f"state store {self.safe_url} unreachable: {exc.orig}") from exc
 
@@ -139,7 +144,28 @@ class StateStore:
             if not done:
                 conn.execute(checkpoints.insert().values(detector=detector, **values))
 
+    def checkpoint_rows(self) -> dict[str, dict[str, Any]]:
+        """Every detector's committed cursor, last commit and last change, by detector.
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        with self._available(), self.engine.connect() as conn:
+            return {row.detector: {"cursor": row.cursor, "updated_at": aware(row.updated_at),
+                                   "last_change_at": aware(row.last_change_at)}
+                    for row in conn.execute(sa.select(checkpoints))}
+
     # -- leases -------------------------------------------------------------------------
+
+    def lease_owners(self) -> dict[str, str]:
+        """Who holds which lease now (expired leases left out).
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        with self._available(), self.engine.connect() as conn:
+            return {row.name: row.owner for row in conn.execute(
+                sa.select(leases.c.name, leases.c.owner).where(leases.c.expires_at >= _now()))}
 
     def acquire_lease(self, name: str, owner: str, ttl: float, *,
                       dead_owner: str | None = None) -> bool:
