@@ -1,0 +1,361 @@
+"""Dynamics 365 Business Central (API v2.0) as a syncbus source and target.
+
+Features
+    * Client credentials through MSAL (scope ``https://api.businesscentral.dynamics.com/.default``);
+      one tenant, environment and company per connection (company name or id,
+      resolved once).
+    * Entities are the entity sets of the configured API routes: the standard API
+      (``customers``, ``vendors``, ``contacts``, ``items``, ``salesOrders``…), Resco's
+      ``RescoIntegrations`` pages (``RescoCustomer``…) and custom API pages.
+      ``describe`` reads them from ``$metadata``.
+    * Change detection by row version where the page has one (``RowVersionNumber``,
+      ``systemRowVersion``), otherwise by ``lastModifiedDateTime`` with an overlap
+      window and (key, ETag) de-duplication (see ``detection``).
+    * Deletions by webhook ``deleted`` notifications (``webhook: true``) and by
+      periodic key-set reconciliation (``sync_deletion: true``, Resco's "Sync
+      Deletion": slower, off by default). Webhooks also wake the poll early:
+      :meth:`~BusinessCentralConnector.add_change_listener`.
+    * Upserts by ``number`` (or the key a link maps) with ETags, conflicts re-read and
+      retried once (a hook for other policies), ``$batch`` of ≤ 100, 429 backed off with
+      jitter, every outcome classified (see ``writer``).
+
+Configuration
+    ``BusinessCentralConnection`` (``schemas/config.py``): ``url``, ``tenant_id``,
+    ``environment``, ``company``, ``client_id``, ``client_secret`` (``${ENV}``) or a
+    certificate, ``authority_host``, ``ca_bundle``, ``timeout``, ``batch_size``,
+    ``apis``, ``entities`` (per entity: ``detection``, ``overlap``, ``sync_deletion``,
+    ``reconcile_interval``, ``webhook``, ``key``), ``webhooks``, ``overlap``,
+    ``index_url``, ``max_retries``, ``backoff``, ``conflict``.
+
+Limits
+    * Pages with composite keys (Resco's service lines) are not offered as entities.
+    * Deletions need the key index (a local SQLite file unless ``index_url`` points
+      at a shared database): records deleted before they were ever read are not
+      reported.
+    * Sales order lines are an entity of their own (``salesOrderLines``), not part of
+      the order's record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from connectors.base import (
+    Capabilities,
+    ChangePage,
+    ConfigError,
+    EntityInfo,
+    Outcome,
+    SchemaError,
+    Version,
+    WriteRow,
+)
+from connectors.business_central.client import BCClient
+from connectors.business_central.detection import ChangeFeed, FeedSettings
+from connectors.business_central.index import KeyIndex
+from connectors.business_central.metadata import PageInfo, entity_info, parse_metadata
+from connectors.business_central.webhooks import (
+    Subscriptions,
+    WebhookReceiver,
+    parse_notification,
+)
+from connectors.business_central.writer import (
+    ConflictHook,
+    Writer,
+    fail_on_conflict,
+    retry_once,
+)
+from schemas.config import BusinessCentralConnection
+
+__all__ = ["BusinessCentralConnector"]
+
+log = structlog.get_logger(__name__)
+
+#: Business Central online: 6,000 requests per 5 minutes per user.
+RATE_LIMIT = 6000 / 300
+
+
+class BusinessCentralConnector:
+    """A Business Central company as a syncbus connector.
+
+    Args:
+        name: The connection's name.
+        on_conflict: Conflict hook for stale ETags (default from ``conflict``).
+        **settings: The fields of ``BusinessCentralConnection`` (``url``,
+            ``tenant_id``, ``environment``, ``company``, ``client_id``,
+            ``client_secret``, …), as the registry passes them.
+
+    Raises:
+        ConfigError: the settings are invalid.
+    """
+
+    def __init__(self, name: str, *, on_conflict: ConflictHook | None = None,
+                 **settings: Any) -> None:
+        self.name = name
+        try:
+            self.config = BusinessCentralConnection.model_validate(
+                {k: v for k, v in settings.items() if k != "type"})
+        except ValidationError as exc:
+            problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+            raise ConfigError(f"connection {name!r}: invalid settings", problems) from exc
+        cfg = self.config
+        webhook_entities = [e for e, s in cfg.entities.items() if s.webhook]
+        if webhook_entities and cfg.webhooks is None:
+            raise ConfigError(f"connection {name!r}: entities {webhook_entities} want webhooks "
+                              "but `webhooks` (notification_url, listen) is not configured")
+        self.client = BCClient(name, cfg)
+        hook = on_conflict or (retry_once if cfg.conflict == "retry_once" else fail_on_conflict)
+        self.writer = Writer(self.client, cfg.batch_size, hook)
+        self._pages: dict[str, PageInfo] | None = None
+        self._feeds: dict[str, ChangeFeed] = {}
+        self._index: KeyIndex | None = None
+        self._listeners: list[Callable[[str], None]] = []
+        self._receiver: WebhookReceiver | None = None
+        self._subscriptions: Subscriptions | None = None
+
+    def __repr__(self) -> str:
+        return (f"<BusinessCentralConnector {self.name!r} {self.config.url} "
+                f"{self.config.environment}/{self.config.company}>")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Change tracking, alternate keys, batches of ``batch_size`` (≤ 100), 20 req/s."""
+        deletes = any(s.sync_deletion or s.webhook for s in self.config.entities.values())
+        return Capabilities(change_tracking=True, deletes_tracked=deletes, alternate_keys=True,
+                            max_batch=self.config.batch_size, rate_limit=RATE_LIMIT)
+
+    # -- metadata -----------------------------------------------------------------------
+
+    def describe(self, entities: Sequence[str] | None = None) -> list[EntityInfo]:
+        """Entity sets of the configured API routes, from ``$metadata``.
+
+        Raises:
+            SchemaError: a named entity does not exist.
+            ConnectorUnavailable: Business Central cannot be reached.
+        """
+        names = list(entities) if entities is not None else list(self.pages())
+        return [entity_info(self.page(n), self._settings(n).key) for n in names]
+
+    def pages(self) -> dict[str, PageInfo]:
+        """Every addressable entity set by name (the first API route wins on a clash).
+
+        Raises:
+            ConfigError: the company does not exist.
+            ConnectorUnavailable, TransientError, PermanentError: from the client.
+        """
+        if self._pages is None:
+            self.client.company_id()  # an unknown company is a configuration error, say so now
+            pages: dict[str, PageInfo] = {}
+            for api in self.config.apis:
+                response = self.client.request("GET", f"{api}/$metadata", allow=(404,))
+                if response.status_code == 404:
+                    log.info("api_not_installed", connector=self.name, api=api)
+                    continue
+                for name, page in parse_metadata(response.text, api).items():
+                    pages.setdefault(name, page)
+            self._pages = pages
+        return self._pages
+
+    def page(self, entity: str) -> PageInfo:
+        """The metadata of one entity set.
+
+        Raises:
+            SchemaError: no such entity set in the configured API routes.
+        """
+        found = self.pages().get(entity)
+        if found is None:
+            known = ", ".join(sorted(self.pages())) or "none"
+            raise SchemaError(f"{self.name}: no entity set {entity!r} in APIs "
+                              f"{self.config.apis} (known: {known})", entity=entity)
+        return found
+
+    def prepare_tracking(self, entities: Sequence[str]) -> list[str]:
+        """Check that ``entities`` can be tracked and say how (``syncbus setup``).
+
+        Returns:
+            One line per entity, e.g. ``RescoCustomer: row version (RowVersionNumber)``.
+
+        Raises:
+            SchemaError: an entity is unknown or has neither a row version nor a time.
+        """
+        lines = []
+        for entity in entities:
+            feed = self._feed(entity)
+            how = (f"row version ({feed.page.version_field})" if feed.settings.mode ==
+                   "row_version" else f"{feed.page.modified_field} with a "
+                   f"{feed.settings.overlap:g}s overlap")
+            deletes = [w for w, on in (("webhook", self._settings(entity).webhook),
+                                       ("reconciliation", feed.settings.sync_deletion)) if on]
+            lines.append(f"{entity}: changes by {how}; deletions by "
+                         f"{' and '.join(deletes) or 'nothing (sync_deletion is off)'}")
+            if self._settings(entity).webhook:
+                self.start_webhooks()
+                assert self._subscriptions is not None
+                self._subscriptions.ensure(feed.page, force=True)
+        return lines
+
+    # -- change feed -------------------------------------------------------------------
+
+    def has_changes(self, entity: str, cursor: str | None) -> bool:
+        """Whether a poll would find changes (row versions: one ``$top=1`` request).
+
+        Raises:
+            SchemaError: unknown entity or a foreign cursor.
+            ConnectorUnavailable: Business Central cannot be reached.
+        """
+        feed = self._feed(entity)
+        self._keep_subscribed(entity, feed.page)
+        return feed.has_changes(cursor)
+
+    def read_changes(self, entity: str, cursor: str | None, page_size: int) -> Iterator[ChangePage]:
+        """Yield pages of changes after ``cursor``, upserts then deletions.
+
+        Raises:
+            ValueError: ``page_size`` < 1.
+            SchemaError: unknown entity, no way to detect changes, or a foreign cursor.
+            ConnectorUnavailable, TransientError: Business Central is unavailable.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        feed = self._feed(entity)
+        self._keep_subscribed(entity, feed.page)
+        return feed.read(cursor, page_size)
+
+    def snapshot(self, entity: str) -> Iterator[tuple[dict[str, Any], Version]]:
+        """Yield (change key, version) of every record.
+
+        Raises:
+            SchemaError: unknown entity.
+            ConnectorUnavailable: Business Central cannot be reached.
+        """
+        return self._feed(entity).snapshot()
+
+    # -- writing -----------------------------------------------------------------------
+
+    def upsert(self, entity: str, rows: Sequence[WriteRow]) -> list[Outcome]:
+        """Insert or update ``rows`` by key (``number`` or another unique key).
+
+        Raises:
+            SchemaError: unknown entity.
+            ConnectorUnavailable: Business Central cannot be reached.
+            PermanentError: the credentials are refused.
+        """
+        return self.writer.upsert(self.page(entity), rows)
+
+    def delete(self, entity: str, keys: Sequence[dict[str, Any]]) -> list[Outcome]:
+        """Delete records by key (missing ones count as applied).
+
+        Raises:
+            SchemaError: unknown entity.
+            ConnectorUnavailable: Business Central cannot be reached.
+            PermanentError: the credentials are refused.
+        """
+        return self.writer.delete(self.page(entity), keys)
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    def add_change_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(entity)`` when a notification says ``entity`` changed.
+
+        The worker can poll that entity at once instead of waiting for its interval.
+        """
+        self._listeners.append(callback)
+
+    def start_webhooks(self) -> None:
+        """Start the receiver (when ``webhooks.listen`` is set) and the subscriptions.
+
+        Raises:
+            ConfigError: ``webhooks`` is not configured.
+            OSError: the receiver's port cannot be bound.
+        """
+        hooks = self.config.webhooks
+        if hooks is None:
+            raise ConfigError(f"connection {self.name!r}: `webhooks` is not configured")
+        if self._receiver is None and hooks.listen:
+            self._receiver = WebhookReceiver(hooks.listen, self.notify).start()
+        if self._subscriptions is None:
+            secret = hooks.client_state.get_secret_value() if hooks.client_state else None
+            self._subscriptions = Subscriptions(self.client, hooks.notification_url, secret,
+                                                hooks.renew_before)
+
+    def notify(self, body: dict[str, Any]) -> list[str]:
+        """Take a notification POST body (``{"value": [...]}``) and act on it.
+
+        ``deleted`` notifications become tombstones; every notification wakes the
+        listeners of its entity.
+
+        Returns:
+            The entities notified about.
+        """
+        hooks = self.config.webhooks
+        secret = hooks.client_state.get_secret_value() if hooks and hooks.client_state else None
+        touched: dict[str, list[str]] = {}
+        for item in body.get("value", []) if isinstance(body, dict) else []:
+            note = parse_notification(item, secret)
+            if note is None or note.entity_set not in self.config.entities:
+                continue
+            deleted = touched.setdefault(note.entity_set, [])
+            if note.change_type == "deleted" and note.key is not None:
+                deleted.append(note.key)
+        for entity, keys in touched.items():
+            feed = self._feed(entity)
+            if keys and feed.index is not None:
+                feed.index.tombstone(entity, keys)
+            for listener in list(self._listeners):
+                listener(entity)
+        return list(touched)
+
+    def close(self) -> None:
+        """Stop the receiver and close connections."""
+        if self._receiver is not None:
+            self._receiver.stop()
+            self._receiver = None
+        self.client.close()
+        if self._index is not None:
+            self._index.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _settings(self, entity: str) -> BusinessCentralConnection.Entity:
+        return self.config.entities.get(entity) or BusinessCentralConnection.Entity()
+
+    def _feed(self, entity: str) -> ChangeFeed:
+        feed = self._feeds.get(entity)
+        if feed is None:
+            page, settings = self.page(entity), self._settings(entity)
+            mode = settings.detection
+            if mode == "auto":
+                mode = "row_version" if page.version_field else "modified"
+            missing = page.version_field if mode == "row_version" else page.modified_field
+            if missing is None:
+                raise SchemaError(f"{self.name}: {entity} has no "
+                                  f"{'row version' if mode == 'row_version' else 'modification time'}"
+                                  " field to detect changes by", entity=entity)
+            track = settings.sync_deletion or settings.webhook
+            overlap = settings.overlap if settings.overlap is not None else self.config.overlap
+            feed = ChangeFeed(self.client, page, FeedSettings(
+                mode, overlap, settings.sync_deletion, settings.reconcile_interval, track,
+                tuple(settings.key)), self._key_index() if track else None)
+            self._feeds[entity] = feed
+        return feed
+
+    def _key_index(self) -> KeyIndex:
+        if self._index is None:
+            url = self.config.index_url or f"sqlite:///.syncbus/bc-{self.name}.db"
+            self._index = KeyIndex(self.name, url)
+        return self._index
+
+    def _keep_subscribed(self, entity: str, page: PageInfo) -> None:
+        if not self._settings(entity).webhook:
+            return
+        self.start_webhooks()
+        assert self._subscriptions is not None
+        try:
+            self._subscriptions.ensure(page)
+        except Exception as exc:  # noqa: BLE001 - polling stays the source of truth
+            log.warning("webhook_subscription_failed", connector=self.name, entity=entity,
+                        error=str(exc))
