@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_TIMEOUT",
     "demo",
+    "login",
     "run",
     "setup",
     "setup_logging",
@@ -155,6 +156,28 @@ def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
         return EXIT_OK
 
     return _with_worker(path, echo, sync, tracking=True)
+
+
+def login(path: Path, connection: str, *, echo: Echo = print) -> int:
+    """Interactive operator sign-in (device code) for a Dataverse connection."""
+    loaded = _load(path, echo)
+    if loaded is None:
+        return EXIT_CONFIG
+    config = loaded.config.connections.get(connection)
+    if config is None or config.type != "dataverse":
+        names = [n for n, c in loaded.config.connections.items() if c.type == "dataverse"]
+        echo(f"{connection!r} is not a Dataverse connection of {path} "
+             f"(those are: {', '.join(names) or 'none'})")
+        return EXIT_CONFIG
+    from connectors.dataverse import login as dataverse_login
+
+    try:
+        cache = dataverse_login(connection, config, echo)
+    except BusError as exc:
+        echo(f"sign-in failed: {exc.message}")
+        return EXIT_FAILED
+    echo(f"signed in; tokens kept in {cache} (readable by this user only)")
+    return EXIT_OK
 
 
 def demo(directory: Path, *, rows: int, amqp_url: str, echo: Echo = print) -> int:

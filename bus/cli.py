@@ -14,6 +14,7 @@ import typer
 from bus import app
 from bus.cli_emulate import emulate
 from bus.cli_events import register as register_event_commands
+from bus.cli_ops import register as register_ops_commands
 from bus.cli_tx import tx
 
 __all__ = ["main"]
@@ -98,6 +99,24 @@ def run(
 
 
 @cli.command()
+def login(
+    config: ConfigOpt,
+    connection: Annotated[str, typer.Argument(help="The Dataverse connection to sign in to.")],
+    log_level: LogLevel = "warning",
+) -> None:
+    """Sign an operator in to a Dataverse connection with the device-code flow.
+
+    Prints a URL and a code to enter in a browser; the tokens are then kept in a
+    cache readable by this user only and renewed automatically. A connection with
+    neither client_secret nor certificate_path uses them.
+
+    Example: syncbus login --config sync.yaml crm
+    """
+    app.setup_logging(log_level, "auto")
+    raise typer.Exit(app.login(config, connection, echo=typer.echo))
+
+
+@cli.command()
 def demo(
     directory: Annotated[Path, typer.Option(
         "--dir", help="Where the demo databases, state and config are written.")
@@ -122,6 +141,7 @@ def demo(
 cli.add_typer(emulate, name="emulate")
 register_event_commands(cli)
 cli.add_typer(tx, name="tx")
+register_ops_commands(cli)
 
 
 def main() -> None:

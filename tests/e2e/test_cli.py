@@ -95,3 +95,31 @@ def test_readme_commands_are_the_ones_tested():
     assert ".venv/bin/syncbus demo" in readme
     assert "bash tests/run" in readme
     assert Path(ROOT, ".ci/run").read_text().strip().endswith('tests/run"')
+
+
+def test_login_signs_an_operator_in_to_a_dataverse_connection(tmp_path):
+    import threading
+
+    from bus import app
+    from connectors.dataverse.emulator import DataverseEmulator
+    from tests.support import wait_for
+
+    with DataverseEmulator(cert_dir=tmp_path / "certs") as emu:
+        connection = emu.connection(client_secret=None, state_dir=str(tmp_path / "state"))
+        config = tmp_path / "sync.yaml"
+        config.write_text(yaml.safe_dump({"connections": {
+            "crm": {"type": "dataverse", **{k: v for k, v in connection.items() if v is not None}},
+            "db": {"url": f"sqlite:///{tmp_path}/db.sqlite"}}}))
+        assert app.login(config, "db", echo=lambda _l: None) == app.EXIT_CONFIG
+        lines: list[str] = []
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(
+            app.login(config, "crm", echo=lines.append)))
+        thread.start()
+        code = wait_for(lambda: emu.entra.pending_device_codes(), timeout=20,
+                        message="a pending device code")[0]
+        assert any(code in line for line in lines)  # the operator is told the code
+        emu.entra.approve_device_code(code)
+        thread.join(30)
+    assert result == [app.EXIT_OK], lines
+    assert "signed in" in lines[-1]
