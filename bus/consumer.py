@@ -16,6 +16,13 @@ failure (an outage of something the handler needs looks the same), so it reaches
 the dead-letter queue with the exception's text once its attempts run out. A
 message that kills the whole process is redelivered by RabbitMQ, which
 dead-letters it itself once ``x-delivery-limit`` is reached.
+
+Pausing (:attr:`BatchConsumer.paused`, set by the worker for a paused link) cancels
+the consumer and closes its channel between two batches: the messages prefetched but
+not yet handled go back to the queue, where they wait, with everything published
+meanwhile, until the event is cleared. After each settled batch the optional
+``on_settled`` hook gets a :class:`Settled` summary (metrics, activity counters,
+alert rules); it is called once per batch, never per message.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from bus.redact import redact_url
 from bus.topology import DEAD_EXCHANGE, LinkQueues
 from schemas.config import RetryPolicy
 
-__all__ = ["BatchConsumer", "Decision", "Delivery", "Verdict", "headers"]
+__all__ = ["BatchConsumer", "Decision", "Delivery", "Settled", "Verdict", "headers"]
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +54,8 @@ BATCH_WAIT = 0.05
 MAX_ERROR_CHARS = 2000
 #: Failures kept in the history header (the oldest drop out first).
 MAX_HISTORY = 20
+#: Seconds between two looks at the pause flag while paused.
+PAUSE_POLL = 0.2
 
 
 class headers:  # noqa: N801 - a namespace of header names
@@ -132,6 +141,21 @@ class ConsumerStats:
     #: Monotonic time since which the consumer has had no message in hand (None: busy).
     idle_since: float | None = None
     connected: bool = False
+    #: True while the link is paused (the consumer is cancelled).
+    paused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """One settled batch, as the ``on_settled`` hook sees it."""
+
+    size: int
+    retried: int
+    dead: int
+    #: Seconds the handler took (map, write, record).
+    seconds: float
+    #: The first failure's text, when something was retried or dead-lettered.
+    error: str | None = None
 
 
 class BatchConsumer:
@@ -145,6 +169,7 @@ class BatchConsumer:
         retry: The link's retry policy.
         prefetch: Unacked messages the broker may push to us.
         batch_size: Largest batch handed to ``handler``.
+        on_settled: Called after each batch is settled (acked, copies confirmed).
     """
 
     def __init__(
@@ -157,6 +182,7 @@ class BatchConsumer:
         retry: RetryPolicy,
         prefetch: int,
         batch_size: int,
+        on_settled: Callable[[Settled], None] | None = None,
     ) -> None:
         self.url = url
         self.queues = queues
@@ -166,6 +192,9 @@ class BatchConsumer:
         self.prefetch = max(prefetch, batch_size)
         self.batch_size = batch_size
         self.stats = ConsumerStats()
+        self.on_settled = on_settled
+        #: Set to pause this link direction, clear to resume (see the module docstring).
+        self.paused = threading.Event()
         self._buffer: list[Delivery] = []
         self._log = log.bind(link=queues.link, direction=queues.direction)
 
@@ -176,6 +205,9 @@ class BatchConsumer:
         """
         backoff = 0.5
         while not stop.is_set():
+            if self.paused.is_set():
+                self._wait_resumed(stop)
+                continue
             try:
                 with Connection(self.url, heartbeat=30, connect_timeout=10) as conn:
                     conn.connect()
@@ -205,7 +237,7 @@ class BatchConsumer:
         consumer.consume()
         self.stats.connected = True
         self._log.info("consumer_started", queue=self.queues.work)
-        while not stop.is_set():
+        while not stop.is_set() and not self.paused.is_set():
             try:
                 conn.drain_events(timeout=BATCH_WAIT)
                 if len(self._buffer) < self.batch_size:
@@ -216,9 +248,28 @@ class BatchConsumer:
                     self.stats.idle_since = time.monotonic()
             if self._buffer:
                 self._flush(channel)
+        if self.paused.is_set() and not stop.is_set():
+            # Not handled: closing the channel returns every unacked (prefetched) message
+            # to the queue, where it waits with the rest.
+            self._buffer = []
+            self.stats.in_flight = 0
+            consumer.cancel()
+            channel.close()
+            self._log.warning("consumer_paused", queue=self.queues.work)
+            return
         if self._buffer:
             self._flush(channel)
         consumer.cancel()
+
+    def _wait_resumed(self, stop: threading.Event) -> None:
+        """Stay disconnected while :attr:`paused` is set (or until ``stop``)."""
+        self.stats.paused, self.stats.connected = True, False
+        self.stats.idle_since = time.monotonic()
+        while self.paused.is_set() and not stop.is_set():
+            stop.wait(PAUSE_POLL)
+        self.stats.paused = False
+        if not stop.is_set():
+            self._log.info("consumer_resumed", queue=self.queues.work)
 
     def _on_message(self, message: Message) -> None:
         self._buffer.append(Delivery(
@@ -233,24 +284,36 @@ class BatchConsumer:
 
     def _flush(self, channel: Any) -> None:
         batch, self._buffer = self._buffer, []
+        started = time.perf_counter()
         decisions = self._decide(batch)
+        seconds = time.perf_counter() - started
         copies = []
+        retried = dead_count = 0
+        error: str | None = None
         for delivery, dec in zip(batch, decisions, strict=True):
             if dec.verdict is Verdict.ACK:
                 self.stats.acked += 1
                 continue
             copy, dead = self._copy(delivery, dec)
             copies.append(copy)
+            error = error or dec.error or dec.error_class
             if dead:
-                self.stats.dead += 1
+                dead_count += 1
             else:
-                self.stats.retried += 1
+                retried += 1
+        self.stats.dead += dead_count
+        self.stats.retried += retried
         # Apply rule: the copies must be confirmed before the originals are acked.
         self.publisher.publish_batch(copies)
         # Everything delivered before this batch is settled already: one frame acks all.
         channel.basic_ack(max(d.message.delivery_tag for d in batch), multiple=True)
         self.stats.in_flight = 0
         self.stats.last_activity = time.monotonic()
+        if self.on_settled is not None:
+            try:
+                self.on_settled(Settled(len(batch), retried, dead_count, seconds, error))
+            except Exception:  # noqa: BLE001 - bookkeeping must never stop the consumer
+                self._log.exception("settled_hook_failed")
 
     def _decide(self, batch: list[Delivery]) -> list[Decision]:
         try:

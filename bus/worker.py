@@ -4,6 +4,12 @@
 each detector finish its page (publish, confirm, commit) and each consumer its batch
 (write, ack). ``Worker.run_until_idle()`` is "Sync All": poll every source once,
 deliver everything pending, report.
+
+Every worker keeps its own Prometheus registry (:attr:`Worker.metrics`) and a
+:class:`~bus.monitor.Monitor` (activity counters, pause flags, alert rules, poll
+records); with ``metrics.port`` configured it serves ``/metrics``, ``/healthz`` and
+``/readyz`` (:mod:`bus.health`). A ``run --until-idle`` and every detector cycle that
+found changes leave a record in the sync history (``syncbus history``).
 """
 
 from __future__ import annotations
@@ -17,17 +23,23 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import structlog
 from kombu import Connection
 
 from bus.consumer import BatchConsumer
+from bus.health import HealthServer
+from bus.metrics import Metrics
+from bus.monitor import Monitor
 from bus.publisher import Publisher
 from bus.redact import redact_url
+from bus.runs import run_records
 from bus.topology import DEAD_QUEUE, LinkQueues, declare_topology
 from connectors.base import (
     BrokerConnectionError,
     BusError,
+    ConfigError,
     Connector,
     EntityInfo,
     PermanentError,
@@ -37,6 +49,7 @@ from connectors.registry import open_connector
 from consumers.apply import LinkApplier
 from producers.detector import Detector, PollResult
 from producers.state import StateStore
+from producers.state_ops import RunRecord
 from schemas.config import SyncConfig
 
 __all__ = ["LinkSummary", "RunSummary", "Worker"]
@@ -51,6 +64,8 @@ MAX_POLL_BACKOFF = 60.0
 HOUSEKEEPING_INTERVAL = 3600.0
 #: Seconds a detector lease lasts without renewal (renewed every page and every poll).
 LEASE_TTL = 60.0
+#: Seconds of link activity kept at least (rates, alert windows extend it).
+ACTIVITY_RETENTION = 3600.0
 
 
 @dataclass(slots=True)
@@ -76,6 +91,8 @@ class RunSummary:
     dead_total: int = 0
     timed_out: bool = False
     seconds: float = 0.0
+    #: Links that were paused (their changes stay queued), with the reason.
+    paused: dict[str, str] = field(default_factory=dict)
 
     @property
     def dead(self) -> int:
@@ -104,6 +121,13 @@ class Worker:
         self._described: dict[str, dict[str, EntityInfo]] = {}
         #: This worker's identity in detector leases.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: This worker's metrics (a registry of its own).
+        self.metrics = Metrics(config.connections)
+        self.monitor: Monitor | None = None
+        #: The metrics / health HTTP server, when ``metrics.port`` is configured.
+        self.health: HealthServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -142,6 +166,7 @@ class Worker:
 
         Raises:
             BrokerConnectionError: RabbitMQ cannot be reached.
+            ConfigError: the metrics port cannot be opened.
             BusError: a connector or the state store cannot be opened.
         """
         cfg = self.config
@@ -149,11 +174,28 @@ class Worker:
         self.state = StateStore(cfg.state.url)
         self.queues = self._declare()
         self.publisher = Publisher(cfg.broker.url, name="syncbus-worker")
+        self.monitor = Monitor(cfg, self.state, self.metrics, self.owner)
         self._build_detectors()
         self._build_consumers()
+        try:
+            self.monitor.sync_controls()  # a paused link does not even start consuming
+        except BusError as exc:
+            log.warning("link_controls_unavailable", error=exc.message)
+        if cfg.metrics.port is not None:
+            try:
+                self.health = HealthServer(self.metrics, liveness=self.liveness,
+                                           readiness=self.monitor.readiness,
+                                           host=cfg.metrics.host, port=cfg.metrics.port)
+            except OSError as exc:
+                raise ConfigError(f"metrics: cannot listen on {cfg.metrics.host}:"
+                                  f"{cfg.metrics.port}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         """Release every connection (after the threads stopped)."""
+        if self.health is not None:
+            self.health.close()
+            self.health = None
+        self.metrics.close()
         if self.publisher is not None:
             self.publisher.close()
         for conn in self.connectors.values():
@@ -178,12 +220,22 @@ class Worker:
             for d, interval in self.detectors
         ]
         threads.append(self._thread("housekeeping", self._housekeeping, stop))
+        threads.append(self._thread("monitor", self._monitor().run, stop,
+                                    self._sample_interval()))
+        self._threads, self._stopping = threads, False
         log.info("worker_started", detectors=len(self.detectors), links=len(self.consumers))
         stop.wait()
+        self._stopping = True
         log.info("worker_stopping")
         for t in threads:
             t.join()
         log.info("worker_stopped")
+
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        """What ``/healthz`` answers: every thread of :meth:`run` is alive."""
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        ok = self._stopping or not dead
+        return ok, {"worker": self.owner, "threads": len(self._threads), "dead_threads": dead}
 
     def run_until_idle(self, *, max_wait: float = 600.0,
                        on_progress: Callable[[str], None] | None = None) -> RunSummary:
@@ -194,10 +246,14 @@ class Worker:
             on_progress: Called with one line per step, for the CLI.
         """
         started = time.monotonic()
+        started_at = datetime.now(UTC)
+        run_id = uuid.uuid4().hex
         say = on_progress or (lambda _line: None)
         summary = RunSummary()
+        polls: list[RunRecord] = []
         stop = threading.Event()
         threads = [self._thread(f"consumer-{c.queues.work}", c.run, stop) for c, _ in self.consumers]
+        threads.append(self._thread("monitor", self._monitor().run, stop, None))
         try:
             for detector, _ in self.detectors:
                 try:
@@ -205,7 +261,8 @@ class Worker:
                         say(f"{detector.name}: not polled here, worker "
                             f"{self._state().lease_owner(detector.name)} polls it")
                         continue
-                    result = detector.poll(keep_going=functools.partial(self._lease, detector))
+                    result = self._poll(detector, None, functools.partial(self._lease, detector),
+                                        run_id=run_id, records=polls)
                     self._state().release_lease(detector.name, self.owner)
                 except BusError as exc:
                     summary.errors.append(f"detector {detector.name}: {exc.message}")
@@ -221,7 +278,9 @@ class Worker:
         self._purge_history()
         summary.links = self._link_summaries()
         summary.dead_total = self._count(DEAD_QUEUE)
+        self._report_paused(summary)
         summary.seconds = time.monotonic() - started
+        self._record_run(summary, run_id, started_at, polls)
         return summary
 
     # -- internals ----------------------------------------------------------------------------
@@ -248,7 +307,8 @@ class Worker:
         assert self.state is not None and self.publisher is not None
         for (conn, entity), (page, interval) in sources.items():
             detector = Detector(connection=conn, entity=entity, connector=self.connectors[conn],
-                                state=self.state, publisher=self.publisher, page_size=page)
+                                state=self.state, publisher=self.publisher, page_size=page,
+                                observer=self.monitor)
             self.detectors.append((detector, interval))
 
     def _build_consumers(self) -> None:
@@ -263,12 +323,16 @@ class Worker:
                 fields: list[str] | None = [f.name for f in described.fields]
             except TransientError:
                 fields = None  # the target is down: the applier asks again when it is back
-            applier = LinkApplier(name, link, target, self.state, target_fields=fields)
+            monitor = self._monitor()
+            applier = LinkApplier(name, link, target, self.state, target_fields=fields,
+                                  on_batch=functools.partial(monitor.on_applied, name))
             consumer = BatchConsumer(
                 url=self.config.broker.url, queues=by_name[name], handler=applier,
                 publisher=self.publisher, retry=link.retry,
                 prefetch=self.config.broker.prefetch, batch_size=link.batch_size,
+                on_settled=functools.partial(monitor.on_settled, name),
             )
+            monitor.add_link(name, consumer)
             self.consumers.append((consumer, applier))
 
     def _detect_loop(self, detector: Detector, interval: float, stop: threading.Event) -> None:
@@ -276,7 +340,7 @@ class Worker:
         while not stop.is_set():
             try:
                 if self._lease(detector):
-                    detector.poll(stop, keep_going=lambda: self._lease(detector))
+                    self._poll(detector, stop, lambda: self._lease(detector))
                 backoff = interval
             except PermanentError as exc:
                 log.error("detector_failed", detector=detector.name, error=exc.message)
@@ -292,20 +356,80 @@ class Worker:
         with contextlib.suppress(BusError):
             self._state().release_lease(detector.name, self.owner)
 
+    def _poll(self, detector: Detector, stop: threading.Event | None,
+              keep_going: Callable[[], bool], *, run_id: str | None = None,
+              records: list[RunRecord] | None = None) -> PollResult:
+        """Poll ``detector`` once and record the poll (state store, metrics, history)."""
+        started_at, started = datetime.now(UTC), time.perf_counter()
+        monitor = self._monitor()
+        try:
+            result = detector.poll(stop, keep_going=keep_going)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, BusError) else f"{type(exc).__name__}: {exc}"
+            record = monitor.polled(detector, started=started_at,
+                                    seconds=time.perf_counter() - started, result=None,
+                                    error=message, run_id=run_id)
+            if records is not None:
+                records.append(record)
+            raise
+        record = monitor.polled(detector, started=started_at, seconds=time.perf_counter() - started,
+                                result=result, error=None, run_id=run_id)
+        if records is not None:
+            records.append(record)
+        return result
+
     def _housekeeping(self, stop: threading.Event) -> None:
-        """Trim the Processed history to its retention, now and every hour."""
+        """Trim the histories to their retention, now and every hour."""
         while not stop.is_set():
             self._purge_history()
             stop.wait(HOUSEKEEPING_INTERVAL)
 
     def _purge_history(self) -> None:
+        """Trim the Processed history, the sync history and the link activity."""
+        cfg, state = self.config, self._state()
+        windows = [ln.alert.minutes * 60 for ln in cfg.links.values() if ln.alert is not None]
         try:
-            removed = self._state().purge_processed(self.config.state.history_retention)
+            removed = state.purge_processed(cfg.state.history_retention)
+            runs = state.purge_runs(cfg.state.run_retention)
+            state.purge_activity(max([ACTIVITY_RETENTION, *windows]))
         except BusError as exc:
             log.warning("history_purge_failed", error=exc.message)
             return
-        if removed:
-            log.info("history_purged", removed=removed)
+        if removed or runs:
+            log.info("history_purged", removed=removed, runs=runs)
+
+    def _report_paused(self, summary: RunSummary) -> None:
+        """Name the paused links of a run (their changes wait in their queues)."""
+        for consumer, applier in self.consumers:
+            if not consumer.paused.is_set():
+                continue
+            try:
+                reason = (self._state().link_rows().get(applier.name) or {}).get(
+                    "paused_reason") or "paused by an operator"
+            except BusError:
+                reason = "paused"
+            summary.paused[applier.name] = reason
+            pending = next((s.pending for s in summary.links if s.link == applier.name), 0)
+            summary.errors.append(
+                f"link {applier.name} is paused ({reason}); {pending} change(s) wait in its "
+                f"queues: `syncbus link resume {applier.name}` when its cause is fixed")
+
+    def _record_run(self, summary: RunSummary, run_id: str, started_at: datetime,
+                    polls: list[RunRecord]) -> None:
+        """Store the run in the sync history: the run, each link, each detector polled."""
+        records = run_records(summary, run_id=run_id, started_at=started_at, worker=self.owner)
+        try:
+            self._state().add_runs([*records, *polls])
+        except BusError as exc:
+            log.warning("run_not_recorded", error=exc.message)
+
+    def _monitor(self) -> Monitor:
+        assert self.monitor is not None, "Worker.open() first"
+        return self.monitor
+
+    def _sample_interval(self) -> float | None:
+        """Queue depths are sampled only for the metrics endpoint."""
+        return self.config.metrics.sample_interval if self.health is not None else None
 
     def _lease(self, detector: Detector) -> bool:
         """Take or renew this worker's lease on ``detector``'s source entity.
@@ -336,20 +460,25 @@ class Worker:
         return self.state
 
     def _wait_idle(self, deadline: float) -> bool:
-        """Wait until every link's queues are empty and every consumer is idle."""
+        """Wait until every link's queues are empty and every consumer is idle.
+
+        A paused link is left out: its changes wait in its queues until it is resumed.
+        """
         while time.monotonic() < deadline:
             checked_at = time.monotonic()
             if self._pending() == 0:
                 time.sleep(IDLE_SETTLE)
                 if all(c.stats.connected and c.stats.idle_since is not None
-                       and c.stats.idle_since <= checked_at for c, _ in self.consumers):
+                       and c.stats.idle_since <= checked_at
+                       for c, _ in self.consumers if not c.paused.is_set()):
                     return True
             else:
                 time.sleep(IDLE_SETTLE)
         return False
 
     def _pending(self) -> int:
-        return self._count(*(n for q in self.queues for n in _names(q)))
+        active = [c.queues for c, _ in self.consumers if not c.paused.is_set()]
+        return self._count(*(n for q in active for n in _names(q)))
 
     def _count(self, *queues: str) -> int:
         """Ready messages in ``queues`` (one connection for all)."""

@@ -10,13 +10,17 @@ For each batch of change events:
    the rest in the target in one batch each, and record the applied versions;
 4. turn each record's outcome into a decision: applied → ack, transient → retry,
    permanent → dead-letter with the target's own error text.
+
+An optional ``on_batch`` hook receives an :class:`ApplyReport` per batch (metrics of
+what the target confirmed, and the detection times of the applied events for the
+change-to-target latency).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +42,7 @@ from producers.state import StateStore
 from schemas.config import LinkConfig
 from schemas.event import canonical_key
 
-__all__ = ["ApplyStats", "LinkApplier"]
+__all__ = ["ApplyReport", "ApplyStats", "LinkApplier"]
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +59,19 @@ class ApplyStats:
     failed: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ApplyReport:
+    """What one call of the applier did (for the ``on_batch`` hook)."""
+
+    upserted: int
+    deleted: int
+    skipped: int
+    #: Wall-clock time (Unix seconds) the target confirmed the writes.
+    applied_at: float
+    #: The ``time`` attribute (detection time, ISO 8601) of every applied event.
+    detected: list[str]
+
+
 @dataclass(slots=True)
 class _Item:
     index: int
@@ -66,6 +83,8 @@ class _Item:
     record_key: str
     values: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The event's detection time (CloudEvents ``time``), if it has one.
+    time: str | None = None
 
 
 class LinkApplier:
@@ -78,6 +97,7 @@ class LinkApplier:
         state: The state store (ordering rule).
         target_fields: Fields of the target entity (restricts identity mapping); when
             None they are read from the target before the first batch.
+        on_batch: Called with an :class:`ApplyReport` after every batch.
     """
 
     def __init__(
@@ -88,6 +108,7 @@ class LinkApplier:
         state: StateStore,
         *,
         target_fields: Collection[str] | None = None,
+        on_batch: Callable[[ApplyReport], None] | None = None,
     ) -> None:
         self.name = name
         self.link = link
@@ -97,6 +118,8 @@ class LinkApplier:
         self._mapper = (FieldMapper(link, target_fields=target_fields)
                         if target_fields is not None or link.fields is not None else None)
         self.stats = ApplyStats()
+        self.on_batch = on_batch
+        self._applied_times: list[str] = []
         self._log = log.bind(link=name, entity=self.entity)
 
     @property
@@ -112,6 +135,19 @@ class LinkApplier:
         return self._mapper
 
     def __call__(self, batch: Sequence[Delivery]) -> list[Decision]:
+        if self.on_batch is None:
+            return self._handle(batch)
+        st = self.stats
+        before = (st.upserted, st.deleted, st.stale + st.superseded + st.ignored)
+        self._applied_times = []
+        decisions = self._handle(batch)
+        self.on_batch(ApplyReport(
+            upserted=st.upserted - before[0], deleted=st.deleted - before[1],
+            skipped=st.stale + st.superseded + st.ignored - before[2], applied_at=time.time(),
+            detected=self._applied_times))
+        return decisions
+
+    def _handle(self, batch: Sequence[Delivery]) -> list[Decision]:
         try:
             self.mapper  # noqa: B018 - resolve it before mapping anything
         except TransientError as exc:
@@ -164,7 +200,7 @@ class LinkApplier:
         else:
             target_key, values = self.mapper.target_key(key), None
         return _Item(index, delivery, event_id, op, version, target_key,
-                     canonical_key(target_key), values)
+                     canonical_key(target_key), values, time=event.get("time"))
 
     def _apply(self, items: list[_Item], decisions: list[Decision | None]) -> None:
         started = time.perf_counter()
@@ -182,12 +218,15 @@ class LinkApplier:
                     decisions[item.index] = self._decide(item, outcome)
                     if not outcome.ok:
                         continue
+                    if item.time is not None:
+                        self._applied_times.append(item.time)
                     if isinstance(item.version, int):
                         guard.record(item.record_key, item.version)
                     guard.processed_event(event_id=item.event_id, entity=self.entity,
                                           key=item.record_key, op=item.op, version=item.version)
         except (TransientError, PermanentError) as exc:
             # Nothing of this batch is recorded as applied: every record goes round again.
+            self._applied_times.clear()
             self._log.warning("batch_failed", count=len(items), error=exc.message,
                               error_class=type(exc).__name__)
             for item in items:

@@ -86,16 +86,21 @@ class StateStore(OpsStateMixin):
 
     Args:
         url: SQLAlchemy URL of the state store.
+        connect_timeout: Seconds to wait for a PostgreSQL connection (default: the
+            driver's); status checks set it so a hung server cannot hang them.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, connect_timeout: float | None = None) -> None:
         self.url = url
         self.safe_url = redact_url(url)
         parsed = sa.make_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, **_engine_args(self.dialect))
+        args = _engine_args(self.dialect)
+        if connect_timeout is not None and self.dialect == "postgresql":
+            args["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
+        self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, **args)
         if self.dialect == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         try:

@@ -585,6 +585,8 @@ class SyncConfig(_Model):
 
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     connections: dict[Name, ConnectionConfig] = Field(min_length=1)
     links: dict[Name, LinkConfig] = Field(default_factory=dict)
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig,
+        description="The worker's HTTP port for metrics and health (docs/operations.md).")

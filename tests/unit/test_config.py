@@ -107,7 +107,8 @@ def test_an_unknown_top_level_key_is_named_with_a_suggestion(tmp_path):
     text = BASE + "linkz: {}\n"
     (problem,) = load_problems(write(tmp_path, text))
     assert problem == (f"{tmp_path / 'sync.yaml'}:{line(text, 'linkz')}: linkz: unknown field "
-                       "'linkz' (did you mean 'links'? allowed: broker, state, connections, links)")
+                       "'linkz' (did you mean 'links'? allowed: broker, state, connections, links, "
+                       "metrics)")
 
 
 def test_an_unknown_field_in_a_field_spec(tmp_path):
