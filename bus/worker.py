@@ -118,6 +118,8 @@ class Worker:
         self.detectors: list[tuple[Detector, float]] = []
         self.consumers: list[tuple[BatchConsumer, LinkApplier]] = []
         self.queues: list[LinkQueues] = []
+        #: Per detector: set by a webhook notification (poll now) or at shutdown.
+        self._wake: dict[str, threading.Event] = {}
         self._described: dict[str, dict[str, EntityInfo]] = {}
         #: This worker's identity in detector leases.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -214,6 +216,7 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Detect and deliver until ``stop`` is set, then shut down gracefully."""
+        self._start_webhooks()
         threads = [self._thread(f"consumer-{c.queues.work}", c.run, stop) for c, _ in self.consumers]
         threads += [
             self._thread(f"detector-{d.name}", self._detect_loop, d, interval, stop)
@@ -227,6 +230,8 @@ class Worker:
         stop.wait()
         self._stopping = True
         log.info("worker_stopping")
+        for wake in self._wake.values():
+            wake.set()
         for t in threads:
             t.join()
         log.info("worker_stopped")
@@ -310,6 +315,29 @@ class Worker:
                                 state=self.state, publisher=self.publisher, page_size=page,
                                 observer=self.monitor)
             self.detectors.append((detector, interval))
+            self._wake[detector.name] = threading.Event()
+        for conn in {c for c, _ in sources}:
+            listen = getattr(self.connectors[conn], "add_change_listener", None)
+            if listen is not None:  # webhooks: a notification polls its entity at once
+                listen(functools.partial(self._wake_detector, conn))
+
+    def _wake_detector(self, connection: str, entity: str) -> None:
+        wake = self._wake.get(f"{connection}.{entity}")
+        if wake is not None:
+            log.info("detector_woken", detector=f"{connection}.{entity}")
+            wake.set()
+
+    def _start_webhooks(self) -> None:
+        """Start the webhook receivers of connectors configured for them (accelerators only:
+        polling stays the source of truth, so a failure here is logged, not fatal)."""
+        for name, connector in self.connectors.items():
+            start = getattr(connector, "start_webhooks", None)
+            if start is None or getattr(getattr(connector, "config", None), "webhooks", None) is None:
+                continue
+            try:
+                start()
+            except (BusError, OSError) as exc:
+                log.warning("webhooks_not_started", connection=name, error=str(exc))
 
     def _build_consumers(self) -> None:
         assert self.state is not None and self.publisher is not None
@@ -352,7 +380,10 @@ class Worker:
             except Exception:  # noqa: BLE001 - keep the worker alive; the cursor did not move
                 log.exception("detector_crashed", detector=detector.name)
                 backoff = MAX_POLL_BACKOFF
-            stop.wait(backoff)
+            wake = self._wake.get(detector.name) or stop
+            wake.wait(backoff)  # the poll interval, cut short by a webhook or by stop
+            if wake is not stop:
+                wake.clear()
         with contextlib.suppress(BusError):
             self._state().release_lease(detector.name, self.owner)
 

@@ -138,3 +138,47 @@ def test_postgresql_to_business_central(tmp_path, pg_url, amqp_url, monkeypatch)
         expected = source()
         assert len(expected) == 451 and target() == expected
     engine.dispose()
+
+
+def test_a_webhook_notification_wakes_the_detector_long_before_its_interval(
+        tmp_path, pg_url, amqp_url, monkeypatch):
+    import threading
+
+    from tests.support import pick_free_port, wait_for
+
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE customers (number TEXT PRIMARY KEY, city TEXT)")
+    port = pick_free_port()
+    with BusinessCentralEmulator(cert_dir=tmp_path / "certs", seed=20) as emu:
+        monkeypatch.setenv("BC_SECRET", emu.client_secret)
+        path = _config(tmp_path, amqp_url, pg_url, emu, {
+            "source": {"connection": "erp", "entity": "customers"},
+            "target": {"connection": "pg", "entity": "customers"},
+            "key": ["number"], "fields": {"number": "number", "city": "city"},
+            "poll_interval": "10m",
+        }, entities={"customers": {"webhook": True}},
+            webhooks={"notification_url": f"http://127.0.0.1:{port}/bc",
+                      "listen": f"127.0.0.1:{port}"})
+
+        def cities() -> dict:
+            with engine.connect() as conn:
+                return dict(conn.execute(sa.text("SELECT number, city FROM customers")).all())
+
+        stop = threading.Event()
+        lines: list[str] = []
+        worker = threading.Thread(target=lambda: app.run(path, echo=lines.append, stop=stop),
+                                  daemon=True)
+        worker.start()
+        try:
+            wait_for(lambda: len(cities()) == 20, timeout=60, message=lambda: f"initial {lines}")
+            wait_for(lambda: emu.webhooks.all(), timeout=30, message="no subscription")
+            row = emu.rows("customers")[0]
+            emu.update("customers", row["id"], {"city": "Woken"})
+            emu.webhooks.flush()
+            wait_for(lambda: cities().get(row["number"]) == "Woken", timeout=20,
+                     message="the notification did not trigger a poll")
+        finally:
+            stop.set()
+            worker.join(30)
+    engine.dispose()
