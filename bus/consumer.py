@@ -27,10 +27,12 @@ alert rules); it is called once per batch, never per message.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -196,6 +198,8 @@ class BatchConsumer:
         #: Set to pause this link direction, clear to resume (see the module docstring).
         self.paused = threading.Event()
         self._buffer: list[Delivery] = []
+        #: The batch being applied on the pool thread, and its decisions to come.
+        self._pending: tuple[list[Delivery], Future[tuple[list[Decision], float]]] | None = None
         self._log = log.bind(link=queues.link, direction=queues.direction)
 
     def run(self, stop: threading.Event) -> None:
@@ -214,6 +218,7 @@ class BatchConsumer:
                     backoff = 0.5
                     self._consume(conn, stop)
             except Exception as exc:  # noqa: BLE001 - any failure: unacked messages come back
+                self._pending = None
                 self._buffer.clear()
                 self.stats.in_flight = 0
                 self.stats.connected = False
@@ -237,17 +242,11 @@ class BatchConsumer:
         consumer.consume()
         self.stats.connected = True
         self._log.info("consumer_started", queue=self.queues.work)
-        while not stop.is_set() and not self.paused.is_set():
+        with ThreadPoolExecutor(1, thread_name_prefix=f"apply-{self.queues.link}") as pool:
             try:
-                conn.drain_events(timeout=BATCH_WAIT)
-                if len(self._buffer) < self.batch_size:
-                    continue
-            except TimeoutError:
-                conn.heartbeat_check()
-                if not self._buffer and self.stats.idle_since is None:
-                    self.stats.idle_since = time.monotonic()
-            if self._buffer:
-                self._flush(channel)
+                self._drain(conn, channel, pool, stop)
+            finally:
+                self._wait_pending()  # never leave a batch being applied behind
         if self.paused.is_set() and not stop.is_set():
             # Not handled: closing the channel returns every unacked (prefetched) message
             # to the queue, where it waits with the rest.
@@ -257,9 +256,51 @@ class BatchConsumer:
             channel.close()
             self._log.warning("consumer_paused", queue=self.queues.work)
             return
-        if self._buffer:
-            self._flush(channel)
         consumer.cancel()
+
+    def _drain(self, conn: Connection, channel: Any, pool: ThreadPoolExecutor,
+               stop: threading.Event) -> None:
+        """Read messages while the previous batch is being applied (one batch ahead).
+
+        Batches are applied one at a time and in order, on the pool's single thread;
+        this thread keeps draining the socket meanwhile, and settles (publishes the
+        copies, acks) each batch once its decisions are in.
+        """
+        while not stop.is_set() and not self.paused.is_set():
+            try:
+                conn.drain_events(timeout=BATCH_WAIT)
+                if self._pending is not None and self._pending[1].done():
+                    self._settle(channel)
+                if len(self._buffer) < self.batch_size:
+                    continue
+            except TimeoutError:
+                conn.heartbeat_check()
+                if self._pending is not None and (self._pending[1].done() or not self._buffer):
+                    self._settle(channel)
+                if (not self._buffer and self._pending is None
+                        and self.stats.idle_since is None):
+                    self.stats.idle_since = time.monotonic()
+            if self._buffer:
+                self._settle(channel)  # the previous batch first: acks stay in order
+                batch, self._buffer = self._buffer, []
+                self._pending = (batch, pool.submit(self._timed_decide, batch))
+        self._settle(channel)  # the batch being applied is finished and settled
+        if self._buffer and stop.is_set():  # stopping: the batch in hand is applied too
+            batch, self._buffer = self._buffer, []
+            self._pending = (batch, pool.submit(self._timed_decide, batch))
+            self._settle(channel)
+
+    def _timed_decide(self, batch: list[Delivery]) -> tuple[list[Decision], float]:
+        started = time.perf_counter()
+        decisions = self._decide(batch)
+        return decisions, time.perf_counter() - started
+
+    def _wait_pending(self) -> None:
+        """Let a batch still being applied finish; unsettled, it comes back redelivered."""
+        if self._pending is not None:
+            with contextlib.suppress(Exception):
+                self._pending[1].result()
+            self._pending = None
 
     def _wait_resumed(self, stop: threading.Event) -> None:
         """Stay disconnected while :attr:`paused` is set (or until ``stop``)."""
@@ -279,14 +320,16 @@ class BatchConsumer:
             message_id=message.properties.get("message_id"),
             message=message,
         ))
-        self.stats.in_flight = len(self._buffer)
+        self.stats.in_flight = len(self._buffer) + (len(self._pending[0]) if self._pending else 0)
         self.stats.idle_since = None
 
-    def _flush(self, channel: Any) -> None:
-        batch, self._buffer = self._buffer, []
-        started = time.perf_counter()
-        decisions = self._decide(batch)
-        seconds = time.perf_counter() - started
+    def _settle(self, channel: Any) -> None:
+        """Wait for the batch being applied, then settle it (see the apply rule)."""
+        if self._pending is None:
+            return
+        batch, future = self._pending
+        decisions, seconds = future.result()
+        self._pending = None
         copies = []
         retried = dead_count = 0
         error: str | None = None
@@ -307,7 +350,7 @@ class BatchConsumer:
         self.publisher.publish_batch(copies)
         # Everything delivered before this batch is settled already: one frame acks all.
         channel.basic_ack(max(d.message.delivery_tag for d in batch), multiple=True)
-        self.stats.in_flight = 0
+        self.stats.in_flight = len(self._buffer)
         self.stats.last_activity = time.monotonic()
         if self.on_settled is not None:
             try:
