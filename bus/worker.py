@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from bus.publisher import Publisher
 from bus.redact import redact_url
 from bus.runs import run_records
 from bus.topology import DEAD_QUEUE, LinkQueues, declare_topology
+from connectors._http import add_throttle_listener, remove_throttle_listener
 from connectors.base import (
     BrokerConnectionError,
     BusError,
@@ -179,6 +181,7 @@ class Worker:
         self.monitor = Monitor(cfg, self.state, self.metrics, self.owner)
         self._build_detectors()
         self._build_consumers()
+        add_throttle_listener(self._on_throttled)
         try:
             self.monitor.sync_controls()  # a paused link does not even start consuming
         except BusError as exc:
@@ -194,6 +197,7 @@ class Worker:
 
     def close(self) -> None:
         """Release every connection (after the threads stopped)."""
+        remove_throttle_listener(self._on_throttled)
         if self.health is not None:
             self.health.close()
             self.health = None
@@ -320,6 +324,13 @@ class Worker:
             listen = getattr(self.connectors[conn], "add_change_listener", None)
             if listen is not None:  # webhooks: a notification polls its entity at once
                 listen(functools.partial(self._wake_detector, conn))
+
+    def _on_throttled(self, host: str, retry_after: float | None) -> None:
+        """A 429 from ``host``: count it for every connection of this worker on that host."""
+        for name, conn_cfg in self.config.connections.items():
+            url = str(getattr(conn_cfg, "url", ""))
+            if url.startswith("http") and urllib.parse.urlsplit(url).netloc.lower() == host:
+                self.metrics.throttle(name, retry_after)
 
     def _wake_detector(self, connection: str, entity: str) -> None:
         wake = self._wake.get(f"{connection}.{entity}")

@@ -54,12 +54,15 @@ __all__ = [
     "HttpTransientError",
     "OAuthSettings",
     "Throttle",
+    "ThrottleListener",
     "TokenProvider",
+    "add_throttle_listener",
     "device_code_login",
     "make_client",
     "map_http_errors",
     "parse_retry_after",
     "raise_for_status",
+    "remove_throttle_listener",
     "retrying",
     "service_error",
 ]
@@ -75,6 +78,28 @@ MAX_ERROR_TEXT = 500
 _REQUEST_ID_HEADERS = ("x-ms-service-request-id", "request-id", "x-ms-request-id",
                        "ms-correlation-x", "client-request-id")
 Key = Mapping[str, Any] | None
+
+
+#: Called with (host[:port], Retry-After seconds or None) on every 429 answer.
+ThrottleListener = Callable[[str, float | None], None]
+_throttle_listeners: list[ThrottleListener] = []
+
+
+def add_throttle_listener(listener: ThrottleListener) -> None:
+    """Be told of every 429 answer (the worker counts them per connection in its metrics)."""
+    _throttle_listeners.append(listener)
+
+
+def remove_throttle_listener(listener: ThrottleListener) -> None:
+    """Stop telling ``listener``."""
+    with contextlib.suppress(ValueError):
+        _throttle_listeners.remove(listener)
+
+
+def _throttled(host: str, retry_after: float | None) -> None:
+    for listener in list(_throttle_listeners):
+        with contextlib.suppress(Exception):  # bookkeeping never breaks a request
+            listener(host.lower(), retry_after)
 
 
 class _HttpDetails:
@@ -239,6 +264,8 @@ def raise_for_status(response: httpx.Response, *, entity: str | None = None,
     error: HttpTransientError | HttpPermanentError | HttpRecordRejected
     if status in TRANSIENT_STATUSES or (status >= 500 and status not in PERMANENT_5XX):
         retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status == 429:
+            _throttled(request.url.netloc.decode("ascii", "replace"), retry_after)
         error = HttpTransientError(text, retry_after=retry_after, entity=entity, key=key,
                                    status=status)
     elif key is not None and status not in (401, 403) and status < 500:

@@ -169,3 +169,37 @@ def test_dataverse_to_postgresql(tmp_path, pg_url, amqp_url, emu, monkeypatch):
     _sync(path)
     expected = source()
     assert len(expected) == 390 and target() == expected
+
+
+def test_429s_of_a_connection_are_counted_in_the_workers_metrics(tmp_path, pg_url, amqp_url,
+                                                                 monkeypatch):
+    from bus.config import load_config
+    from bus.worker import Worker
+
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE customers (id BIGINT PRIMARY KEY, name TEXT NOT NULL)")
+        conn.execute(sa.text("INSERT INTO customers VALUES (:id, :name)"),
+                     [{"id": i, "name": f"Customer {i}"} for i in range(1, 301)])
+    limits = Limits(requests=8, window=2.0, concurrent=None, execution=None)
+    with DataverseEmulator(cert_dir=tmp_path / "certs", limits=limits) as emu:
+        monkeypatch.setenv("DV_SECRET", emu.connection()["client_secret"])
+        path = _config(tmp_path, amqp_url, pg_url, emu, {"customers": {
+            "source": {"connection": "pg", "entity": "customers"},
+            "target": {"connection": "crm", "entity": "account"},
+            "key": ["id"], "batch_size": 20,
+            "fields": {"accountnumber": "id", "name": "name"},
+        }})
+        assert app.setup(path, echo=lambda _line: None) == app.EXIT_OK
+        worker = Worker(load_config(path).config)
+        worker.open()
+        try:
+            summary = worker.run_until_idle(max_wait=120)
+            text = worker.metrics.render().decode()
+        finally:
+            worker.close()
+    assert summary.ok and summary.links[0].upserted == 300
+    throttled = [line for line in text.splitlines()
+                 if line.startswith('syncbus_throttled_total{connection="crm"}')]
+    assert throttled and float(throttled[0].split()[-1]) > 0, throttled
+    assert 'syncbus_throttle_wait_seconds_count{connection="crm"}' in text
