@@ -139,7 +139,6 @@ class ConsumerStats:
     dead: int = 0
     crashed: int = 0
     in_flight: int = 0
-    last_activity: float = field(default_factory=time.monotonic)
     #: Monotonic time since which the consumer has had no message in hand (None: busy).
     idle_since: float | None = None
     connected: bool = False
@@ -351,7 +350,6 @@ class BatchConsumer:
         # Everything delivered before this batch is settled already: one frame acks all.
         channel.basic_ack(max(d.message.delivery_tag for d in batch), multiple=True)
         self.stats.in_flight = len(self._buffer)
-        self.stats.last_activity = time.monotonic()
         if self.on_settled is not None:
             try:
                 self.on_settled(Settled(len(batch), retried, dead_count, seconds, error))
