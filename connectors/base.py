@@ -34,6 +34,7 @@ __all__ = [
     "Connector",
     "ConnectorUnavailable",
     "EntityInfo",
+    "FetchedRecord",
     "FieldInfo",
     "MappingError",
     "Op",
@@ -201,6 +202,18 @@ class ChangePage:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchedRecord:
+    """A record read by key (``Connector.fetch``): its current state in the system."""
+
+    #: The connector's own key, as in its change records (``ChangeRecord.key``).
+    key: dict[str, Any]
+    #: Every field value, in the same form as ``ChangeRecord.values``.
+    values: dict[str, Any]
+    version: Version | None = None
+    modified_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WriteRow:
     """A record to upsert into a target, already mapped to the target's field names."""
 
@@ -280,6 +293,21 @@ class Connector(Protocol):
 
     def snapshot(self, entity: str) -> Iterator[tuple[dict[str, Any], Version]]:
         """Yield (key, version) of every current record, for full resync and delete detection."""
+        ...
+
+    def fetch(self, entity: str, keys: Sequence[dict[str, Any]]) -> list[FetchedRecord | None]:
+        """Read the current records with ``keys`` (the same key forms ``upsert`` takes).
+
+        Used by two-way links (conflict detection) and ``syncbus preview``. Values come
+        in exactly the form ``read_changes`` gives them, so hashes of both compare.
+
+        Returns:
+            One entry per key, in order: the record, or None where none exists.
+
+        Raises:
+            ConnectorUnavailable: the system cannot be reached.
+            SchemaError: the entity or a key column does not exist.
+        """
         ...
 
     def upsert(self, entity: str, rows: Sequence[WriteRow]) -> list[Outcome]:
