@@ -13,6 +13,8 @@ Features
     * ``upsert``: batched ``INSERT … ON CONFLICT (key) DO UPDATE`` by primary key or
       any unique constraint / unique index, one executemany per batch; bad rows are
       isolated with SAVEPOINTs and get the database's own error text.
+    * ``fetch``: current rows by primary key or any unique key, one ``IN`` query per
+      chunk of keys, in exactly the value form of ``read_changes``.
     * ``describe``: reflected tables with portable types, keys, unique keys and FKs.
     * Errors from the one tree of ``connectors.base``; passwords never in messages.
 
@@ -65,12 +67,14 @@ from connectors.base import (
     ChangePage,
     ConfigError,
     EntityInfo,
+    FetchedRecord,
     Outcome,
     SchemaError,
     Version,
     WriteRow,
 )
 from connectors.sql.errors import translate_errors
+from connectors.sql.fetch import Fetcher
 from connectors.sql.postgres import PostgresTracker
 from connectors.sql.schema import VERSION_COLUMN, Catalog, TableInfo
 from connectors.sql.sqlite import SqliteTracker
@@ -122,6 +126,7 @@ class SqlConnector:
         )
         self._catalog = Catalog(self._engine, schema, name, self._tracker.probe)
         self._writer = Writer(self._catalog, self._write_connection, dialect, name, self._url)
+        self._fetcher = Fetcher(self._catalog, self._engine, self._tracker, self._errors, name)
 
     def __repr__(self) -> str:
         return f"<SqlConnector {self.name!r} {self._url.render_as_string(hide_password=True)}>"
@@ -271,6 +276,26 @@ class SqlConnector:
             if len(rows) < SNAPSHOT_PAGE:
                 return
             last = tuple(rows[-1][:-1])
+
+    def fetch(self, entity: str, keys: Sequence[dict[str, Any]]) -> list[FetchedRecord | None]:
+        """Read the current rows with ``keys``: one ``IN`` query per chunk of keys.
+
+        Each key is the primary key or a unique key (any column order), with values
+        in the forms ``upsert`` accepts. ``FetchedRecord.key`` is the primary key,
+        ``values`` are as ``read_changes`` gives them, ``version`` is ``_sb_version``
+        on a prepared table (None otherwise) and ``modified_at`` is None.
+
+        Returns:
+            One entry per key, in order (duplicates allowed): the row, or None where
+            none matches (also for a null key value or one that does not fit its column).
+
+        Raises:
+            SchemaError: unknown table, or a key that is neither the primary key nor a
+                unique key (an unknown column included).
+            ConnectorUnavailable: the database cannot be reached.
+            TransientError: the database is busy.
+        """
+        return self._fetcher.fetch(entity, keys)
 
     def purge_tombstones(self, older_than: timedelta) -> int:
         """Delete tombstones older than ``older_than``; only safe beyond every detector's lag.

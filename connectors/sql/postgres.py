@@ -292,7 +292,7 @@ class PostgresTracker(Tracker):
         table, tomb = info.table, self.tombstone_table(conn)
         ver = table.c[VERSION_COLUMN]
         rows = conn.execute(
-            self.select_rows(info, raw=False)
+            self.select_rows(info, raw=self.raw_rows)
             .where(ver > after, *window(table.c[XID_COLUMN], prev, cur))
             .order_by(ver).limit(page_size + 1)
         ).all()
@@ -303,7 +303,7 @@ class PostgresTracker(Tracker):
             .order_by(tomb.c.version).limit(page_size + 1)
         ).all()
         records, more = merge_page(
-            [self.upsert_record(info, r, decode=False) for r in rows],
+            [self.upsert_record(info, r, decode=self.raw_rows) for r in rows],
             [self.delete_record(info, v, k, decode=False) for v, k in tombs],
             page_size,
         )

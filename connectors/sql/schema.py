@@ -77,6 +77,20 @@ class TableInfo:
         wanted = set(columns)
         return any(set(k) == wanted for k in (self.key, *self.unique_keys))
 
+    def key_problem(self, columns: Sequence[str]) -> str | None:
+        """Why ``columns`` cannot name one row (unknown column, not unique), or None."""
+        if not columns:
+            return "empty key"
+        unknown = [c for c in columns if c not in self.encoders]
+        if unknown:
+            return f"table {self.name!r} has no column(s) {', '.join(unknown)}"
+        if not self.is_unique(columns):
+            return (
+                f"key ({', '.join(columns)}) is neither the primary key nor a unique key "
+                f"of table {self.name!r}"
+            )
+        return None
+
     def describe(self) -> EntityInfo:
         """The table as connector metadata."""
         fields = tuple(

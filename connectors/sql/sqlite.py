@@ -43,6 +43,7 @@ class SqliteTracker(Tracker):
     """Change tracking for SQLite (see the module docstring)."""
 
     cursor_keys = ("after",)
+    raw_rows = True
 
     # ------------------------------------------------------------------ names
 
@@ -201,7 +202,7 @@ class SqliteTracker(Tracker):
         ver = info.table.c[VERSION_COLUMN]
         tomb = self.tombstones(sa.Text())
         rows = conn.execute(
-            self.select_rows(info, raw=True).where(ver > after).order_by(ver).limit(page_size + 1)
+            self.select_rows(info, raw=self.raw_rows).where(ver > after).order_by(ver).limit(page_size + 1)
         ).all()
         tombs = conn.execute(
             sa.select(tomb.c.version, tomb.c.key)
@@ -209,7 +210,7 @@ class SqliteTracker(Tracker):
             .order_by(tomb.c.version).limit(page_size + 1)
         ).all()
         records, more = merge_page(
-            [self.upsert_record(info, r, decode=True) for r in rows],
+            [self.upsert_record(info, r, decode=self.raw_rows) for r in rows],
             [self.delete_record(info, v, k, decode=True) for v, k in tombs],
             page_size,
         )

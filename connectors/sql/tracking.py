@@ -101,6 +101,9 @@ class Tracker(ABC):
 
     #: Keys every cursor of this dialect holds.
     cursor_keys: tuple[str, ...] = ()
+    #: Rows are read raw and decoded leniently (SQLite: a column holds whatever was put
+    #: in it); otherwise the driver's typed values are used as they are.
+    raw_rows: bool = False
 
     def __init__(self, connector: str, schema: str | None) -> None:
         self.connector = connector
@@ -156,22 +159,31 @@ class Tracker(ABC):
         """Decode ``cursor`` for this dialect (see ``load_cursor``)."""
         return load_cursor(cursor, self.cursor_keys, self.connector)
 
-    def select_rows(self, info: TableInfo, *, raw: bool) -> sa.Select[Any]:
-        """``SELECT <user columns>, _sb_version FROM <table>``; with ``raw`` the driver's
+    def select_rows(self, info: TableInfo, *, raw: bool, version: bool = True) -> sa.Select[Any]:
+        """``SELECT <user columns>[, _sb_version] FROM <table>``; with ``raw`` the driver's
         values come back untouched (decoded later by the lenient decoders)."""
         table = info.table
         cols: list[sa.ColumnElement[Any]] = [
             sa.type_coerce(table.c[c], sa.types.NullType()).label(c) if raw else table.c[c]
             for c in info.columns
         ]
-        return sa.select(*cols, table.c[VERSION_COLUMN])
+        if version:
+            cols.append(table.c[VERSION_COLUMN])
+        return sa.select(*cols)
 
     @staticmethod
-    def upsert_record(info: TableInfo, row: Sequence[Any], *, decode: bool) -> ChangeRecord:
-        """Build an ``Op.UPSERT`` record from a row of ``select_rows``."""
-        values = dict(zip(info.columns, row[:-1], strict=True))
+    def row_values(info: TableInfo, row: Sequence[Any], *, decode: bool) -> dict[str, Any]:
+        """The user column values of a row of ``select_rows``: the one value form of
+        change records and fetched records alike."""
+        values = dict(zip(info.columns, row[: len(info.columns)], strict=True))
         if decode:
             values = {c: info.decoders[c](v) for c, v in values.items()}
+        return values
+
+    @classmethod
+    def upsert_record(cls, info: TableInfo, row: Sequence[Any], *, decode: bool) -> ChangeRecord:
+        """Build an ``Op.UPSERT`` record from a row of ``select_rows``."""
+        values = cls.row_values(info, row, decode=decode)
         return ChangeRecord(
             key={k: values[k] for k in info.key}, op=Op.UPSERT, version=int(row[-1]), values=values
         )

@@ -175,14 +175,9 @@ class Writer:
             raise _Rejected(f"table {info.name!r} has no column(s) {', '.join(unknown)}")
 
     def _check_key(self, info: TableInfo, cols: tuple[str, ...]) -> None:
-        if not cols:
-            raise _Rejected("empty key")
-        self._check_columns(info, cols)
-        if not info.is_unique(cols):
-            raise _Rejected(
-                f"key ({', '.join(cols)}) is neither the primary key nor a unique key "
-                f"of table {info.name!r}"
-            )
+        problem = info.key_problem(cols)
+        if problem is not None:
+            raise _Rejected(problem)
 
     def _key_values(
         self, info: TableInfo, key: dict[str, Any], checked: dict[tuple[str, ...], str | None]
