@@ -11,7 +11,11 @@ import typer
 __all__ = ["emulate"]
 
 emulate = typer.Typer(
-    help="Run a local emulator of an external system (a sandbox for development and tests).",
+    help=(
+        "Run a local emulator of an external system (a sandbox for development and tests).\n\n"
+        "  syncbus emulate dataverse --https --seed 500 --store .syncbus/crm.sqlite\n\n"
+        "  syncbus emulate bc --https --seed 200 --store .syncbus/erp.sqlite"
+    ),
     no_args_is_help=True,
 )
 
@@ -39,6 +43,8 @@ def dataverse(port: Port = 8701, host: Host = "127.0.0.1", https: Https = False,
 
     The authority is https://127.0.0.1:PORT/TENANT; MSAL needs --https (trust
     CERT_DIR/ca.pem). See docs/dataverse.md.
+
+    Example: syncbus emulate dataverse --https --port 8701 --seed 500 --store .syncbus/crm.sqlite
     """
     from connectors.dataverse.emulator import serve
 
@@ -62,6 +68,8 @@ def business_central(port: Port = 8702, host: Host = "127.0.0.1", https: Https =
     The API is https://127.0.0.1:PORT/v2.0/TENANT/production/api/v2.0/ and the
     authority host is https://127.0.0.1:PORT; MSAL needs --https (trust
     CERT_DIR/ca.pem). See docs/business-central.md.
+
+    Example: syncbus emulate bc --https --port 8702 --seed 200 --store .syncbus/erp.sqlite
     """
     from connectors.business_central.emulator import serve
 

@@ -83,7 +83,12 @@ def pause(
     config: ConfigOpt,
     reason: Annotated[str | None, typer.Option(help="Why (shown by syncbus status).")] = None,
 ) -> None:
-    """Stop consuming a link: its changes wait in its queue, nothing is lost."""
+    """Stop consuming a link: its changes wait in its queue, nothing is lost.
+
+    Detection goes on; syncbus status shows the link as paused, with the reason.
+
+    Example: syncbus link pause customers -c sync.yaml --reason 'ERP maintenance'
+    """
     raise typer.Exit(links.set_link_paused(config, name, True, reason=reason))
 
 
@@ -92,7 +97,10 @@ def resume(
     name: Annotated[str, typer.Argument(help="The link to resume.")],
     config: ConfigOpt,
 ) -> None:
-    """Consume a paused link again (what waited in its queue is delivered)."""
+    """Consume a paused link again (what waited in its queue is delivered).
+
+    Example: syncbus link resume customers -c sync.yaml
+    """
     raise typer.Exit(links.set_link_paused(config, name, False))
 
 

@@ -128,7 +128,12 @@ def _table(found: list[Transaction], status: str) -> None:
 @tx.command()
 def show(config: ConfigOpt, tx_id: Annotated[str, typer.Argument(help="Transaction (event) id.")],
          ) -> None:
-    """Show one transaction in every status it has: headers, failure history, the event."""
+    """Show one transaction in every status it has: headers, failure history, the event.
+
+    Prints JSON; the id is the first column of syncbus tx list.
+
+    Example: syncbus tx show -c sync.yaml 06d1d8e8-4e06-5381-a49a-bba362aaab46
+    """
     log = _open(config)
 
     def display() -> None:
@@ -241,7 +246,10 @@ def purge(
 @tx.command()
 def stats(config: ConfigOpt,
           as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> None:
-    """Counts per link and status."""
+    """Counts per link and status: pending, processed, error, archived.
+
+    Examples: syncbus tx stats -c sync.yaml · syncbus tx stats -c sync.yaml --json
+    """
     log = _open(config)
 
     def act() -> None:
