@@ -64,6 +64,8 @@ class _Link:
     resumed_at: datetime | None = None
     #: A "log" rule already reported the current burst.
     alerting: bool = False
+    #: The link the direction belongs to (pause flags, alerts); set by add_link.
+    link: str = ""
 
 
 @dataclass(slots=True)
@@ -96,11 +98,20 @@ class Monitor:
         self._flush_lock = threading.Lock()
         self._health = _Health()
 
-    def add_link(self, name: str, consumer: BatchConsumer) -> None:
-        """Watch link direction ``name`` served by ``consumer``."""
-        link = self.config.links[name]
-        self.links[name] = _Link(name, link.target.entity, consumer, consumer.queues, link.alert,
-                                 LinkDelta(name))
+    def add_link(self, name: str, consumer: BatchConsumer, *, link_name: str | None = None,
+                 entity: str | None = None) -> None:
+        """Watch link direction ``name`` served by ``consumer``.
+
+        Args:
+            name: The direction's name: the link's name for a → b, ``<link>.b2a`` for
+                b → a (metrics and activity are kept per direction).
+            link_name: The link it belongs to (pause flags and alerts), default ``name``.
+            entity: The entity it writes, default the link's target.
+        """
+        link_name = link_name or name
+        link = self.config.links[link_name]
+        self.links[name] = _Link(name, entity or link.target.entity, consumer, consumer.queues,
+                                 link.alert, LinkDelta(name), link=link_name)
         self.metrics.link_paused(name, False)
 
     # -- hooks (consumer threads) -----------------------------------------------------------
@@ -257,7 +268,7 @@ class Monitor:
         """
         rows = self.state.link_rows()
         for ln in self.links.values():
-            row = rows.get(ln.name) or {}
+            row = rows.get(ln.link) or {}
             paused = bool(row.get("paused"))
             ln.resumed_at = row.get("resumed_at")
             if paused != ln.seen_paused:
@@ -340,9 +351,9 @@ class Monitor:
         self.metrics.alert_fired(ln.name)
         log.error("link_alert", link=ln.name, errors=errors, minutes=rule.minutes,
                   threshold=rule.errors, action="pause",
-                  hint=f"fix the cause, then `syncbus link resume {ln.name}` and "
-                       "`syncbus tx replay --link " + ln.name + "`")
-        self.state.set_link_paused(ln.name, True, reason=reason, by=f"alert@{self.worker}")
+                  hint=f"fix the cause, then `syncbus link resume {ln.link}` and "
+                       "`syncbus tx replay --link " + ln.link + "`")
+        self.state.set_link_paused(ln.link, True, reason=reason, by=f"alert@{self.worker}")
         ln.seen_paused = True
         self._apply_pause(ln, True, reason)
 

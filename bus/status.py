@@ -47,7 +47,7 @@ from rich.text import Text
 
 from bus.config import load_config
 from bus.redact import redact_text, redact_url
-from bus.topology import DEAD_QUEUE, link_queues
+from bus.topology import DEAD_QUEUE, all_link_queues
 from bus.txlog import QueueBrowser, Transaction
 from connectors.base import BusError, ConfigError
 from connectors.registry import open_connector
@@ -318,8 +318,8 @@ def _queue_depths(config: SyncConfig, timeout: float) -> tuple[dict[str, int | N
     names = [DEAD_QUEUE]
     for name, link in config.links.items():
         if link.enabled:
-            lq = link_queues(name, link)
-            names += [lq.work, *(q for _, q in lq.retries)]
+            for lq in all_link_queues(name, link):
+                names += [lq.work, *(q for _, q in lq.retries)]
 
     def read() -> dict[str, int | None]:
         depths: dict[str, int | None] = {}
@@ -406,12 +406,13 @@ def _detectors(config: SyncConfig, tables: dict[str, Any] | None, now: datetime,
 
 def _link(name: str, link: Any, tables: dict[str, Any] | None, depths: dict[str, int | None],
           errors: dict[str, int] | None, now: datetime) -> LinkStatus:
-    lq = link_queues(name, link)
-    st = LinkStatus(name, lq.direction, f"{link.source.connection}.{link.source.entity}",
+    queues = all_link_queues(name, link)
+    st = LinkStatus(name, link.direction, f"{link.source.connection}.{link.source.entity}",
                     f"{link.target.connection}.{link.target.entity}")
     if depths:
-        st.ready = depths.get(lq.work)
-        retries = [depths.get(q) for _, q in lq.retries]
+        ready = [depths.get(lq.work) for lq in queues]
+        st.ready = None if any(v is None for v in ready) else sum(v or 0 for v in ready)
+        retries = [depths.get(q) for lq in queues for _, q in lq.retries]
         st.retry = None if any(v is None for v in retries) else sum(v or 0 for v in retries)
         if st.ready is None:
             st.problems.append("its queues do not exist yet (has a worker run this config?)")

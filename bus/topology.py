@@ -31,6 +31,7 @@ __all__ = [
     "DEAD_QUEUE",
     "HISTORY_STREAM",
     "LinkQueues",
+    "all_link_queues",
     "declare_history_stream",
     "declare_topology",
     "link_queues",
@@ -66,16 +67,22 @@ class LinkQueues:
 
 
 def link_queues(name: str, link: LinkConfig, direction: str = "a2b") -> LinkQueues:
-    """Names of the queues serving ``link`` in ``direction``."""
+    """Names of the queues serving ``link`` in ``direction`` (``a2b`` or ``b2a``)."""
     work = f"syncbus.link.{name}.{direction}"
     delays = sorted(set(link.retry.delays))
+    source = link.source if direction == "a2b" else link.target
     return LinkQueues(
         link=name,
         direction=direction,
         work=work,
         retries=tuple((d, f"syncbus.retry.{name}.{direction}.{_fmt(d)}") for d in delays),
-        binding=f"{link.source.connection}.{link.source.entity}.*",
+        binding=f"{source.connection}.{source.entity}.*",
     )
+
+
+def all_link_queues(name: str, link: LinkConfig) -> list[LinkQueues]:
+    """The queues of every direction ``link`` flows in (one for a one-way link)."""
+    return [link_queues(name, link, d) for d in link.directions]
 
 
 def _fmt(seconds: float) -> str:
@@ -104,31 +111,35 @@ def declare_topology(conn: Connection, config: SyncConfig) -> list[LinkQueues]:
     for name, link in config.links.items():
         if not link.enabled:
             continue
-        lq = link_queues(name, link)
-        work_args: dict[str, Any] = {
-            "x-queue-type": "quorum",
-            "x-delivery-limit": config.broker.delivery_limit,
-            "x-dead-letter-exchange": DEAD_EXCHANGE,
-            **_AT_LEAST_ONCE,
-        }
-        Queue(
-            lq.work, exchange=changes, routing_key=lq.binding, durable=True,
-            queue_arguments=work_args,
-        ).declare(channel=channel)
-        for delay, queue in lq.retries:
-            Queue(
-                queue, durable=True,
-                queue_arguments={
-                    "x-queue-type": "quorum",
-                    "x-message-ttl": int(delay * 1000),
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": lq.work,
-                    **_AT_LEAST_ONCE,
-                },
-            ).declare(channel=channel)
-        declared.append(lq)
+        for lq in all_link_queues(name, link):
+            _declare_link(channel, changes, lq, config.broker.delivery_limit)
+            declared.append(lq)
     declare_history_stream(conn, config.broker)
     return declared
+
+
+def _declare_link(channel: Any, changes: Exchange, lq: LinkQueues, delivery_limit: int) -> None:
+    work_args: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
+        **_AT_LEAST_ONCE,
+    }
+    Queue(
+        lq.work, exchange=changes, routing_key=lq.binding, durable=True,
+        queue_arguments=work_args,
+    ).declare(channel=channel)
+    for delay, queue in lq.retries:
+        Queue(
+            queue, durable=True,
+            queue_arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": int(delay * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": lq.work,
+                **_AT_LEAST_ONCE,
+            },
+        ).declare(channel=channel)
 
 
 #: The stream every change event is also stored in (bound to ``syncbus.changes`` with ``#``).

@@ -31,7 +31,7 @@ import pika.exceptions
 from bus.browse import Handle, QueueBrowser
 from bus.consumer import headers
 from bus.publisher import OutMessage, Publisher
-from bus.topology import ARCHIVE_QUEUE, DEAD_QUEUE, link_queues
+from bus.topology import ARCHIVE_QUEUE, DEAD_QUEUE, all_link_queues
 from producers.state import StateStore
 from schemas.config import SyncConfig, parse_duration
 from schemas.event import canonical_key
@@ -237,9 +237,9 @@ class TxLog:
                 add(tx.link, status)
         with self._browser() as browser:
             for name, link in self.config.links.items():
-                lq = link_queues(name, link)
-                add(name, "pending", sum(browser.count(q) for q in
-                                         (lq.work, *(r for _, r in lq.retries))))
+                for lq in all_link_queues(name, link):
+                    add(name, "pending", sum(browser.count(q) for q in
+                                             (lq.work, *(r for _, r in lq.retries))))
         for link_name, n in self.state.processed_counts().items():
             add(link_name, "processed", n)
         return counts
@@ -249,7 +249,8 @@ class TxLog:
     def replay(self, flt: TxFilter, progress: Progress | None = None) -> MoveResult:
         """Set matching Error transactions to Pending: back to their link's work queue."""
         now = datetime.now(UTC).isoformat()
-        known = {link_queues(n, lk).work: n for n, lk in self.config.links.items() if lk.enabled}
+        known = {lq.work: n for n, lk in self.config.links.items() if lk.enabled
+                 for lq in all_link_queues(n, lk)}
 
         def copy(tx: Transaction) -> OutMessage | str:
             queue = str(tx.headers.get(headers.QUEUE) or _work_queue(tx.link) or "")
@@ -355,7 +356,8 @@ class TxLog:
         if status == "archived":
             return [ARCHIVE_QUEUE]
         if status == "pending":
-            return [r for n, lk in self.config.links.items() for _, r in link_queues(n, lk).retries]
+            return [r for n, lk in self.config.links.items() for lq in all_link_queues(n, lk)
+                    for _, r in lq.retries]
         raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
 
     def _browser(self) -> QueueBrowser:

@@ -30,6 +30,7 @@ import structlog
 from kombu import Connection
 
 from bus.consumer import BatchConsumer
+from bus.drift import refuse_drifted_links
 from bus.health import HealthServer
 from bus.metrics import Metrics
 from bus.monitor import Monitor
@@ -49,6 +50,8 @@ from connectors.base import (
 )
 from connectors.registry import open_connector
 from consumers.apply import LinkApplier
+from consumers.flow import Flow, flows
+from consumers.twoway import EchoFilter, LinkSides
 from producers.detector import Detector, PollResult
 from producers.state import StateStore
 from producers.state_ops import RunRecord
@@ -132,6 +135,9 @@ class Worker:
         self.health: HealthServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        #: Links refused because their schema drifted (bus/drift.py): name → report.
+        self.refused: dict[str, list[str]] = {}
+        self._sides: dict[str, LinkSides] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -150,11 +156,10 @@ class Worker:
         self.open_connectors()
         self._described.clear()
         wanted: dict[str, list[str]] = {}
-        for link in self.config.links.values():
-            if link.enabled:
-                entities = wanted.setdefault(link.source.connection, [])
-                if link.source.entity not in entities:
-                    entities.append(link.source.entity)
+        for flow in self.flows():
+            entities = wanted.setdefault(flow.source.connection, [])
+            if flow.source.entity not in entities:
+                entities.append(flow.source.entity)
         lines = []
         for conn_name, entities in wanted.items():
             connector = self.connectors[conn_name]
@@ -179,6 +184,8 @@ class Worker:
         self.queues = self._declare()
         self.publisher = Publisher(cfg.broker.url, name="syncbus-worker")
         self.monitor = Monitor(cfg, self.state, self.metrics, self.owner)
+        # Schema drift (bus/drift.py): a drifted link is refused, the others run.
+        self.refused = refuse_drifted_links(cfg, self.describe, self.state.engine)
         self._build_detectors()
         self._build_consumers()
         add_throttle_listener(self._on_throttled)
@@ -259,6 +266,8 @@ class Worker:
         run_id = uuid.uuid4().hex
         say = on_progress or (lambda _line: None)
         summary = RunSummary()
+        summary.errors += [f"link {name} refused, its schema drifted: {'; '.join(lines)}"
+                           for name, lines in self.refused.items()]
         polls: list[RunRecord] = []
         stop = threading.Event()
         threads = [self._thread(f"consumer-{c.queues.work}", c.run, stop) for c, _ in self.consumers]
@@ -305,19 +314,49 @@ class Worker:
             raise BrokerConnectionError(
                 f"cannot reach RabbitMQ at {redact_url(url)}: {exc}") from exc
 
+    def flows(self) -> list[Flow]:
+        """Every direction of every enabled link.
+
+        Raises:
+            ConfigError: a two-way link cannot identify records in the b → a direction.
+        """
+        return [f for name, link in self.config.links.items()
+                if link.enabled and name not in self.refused  # refused: bus/drift.py
+                for f in flows(name, link)]
+
+    def link_sides(self) -> dict[str, LinkSides]:
+        """The shared pair state of links that keep one: two-way links and lookup parents."""
+        if self._sides is None:
+            parents = {f.lookup for link in self.config.links.values()
+                       for f in (link.field_specs() or {}).values() if f.lookup}
+            parents |= {s.lookup for link in self.config.links.values() if link.b2a
+                        for s in (link.b2a.fields or {}).values()
+                        if not isinstance(s, str) and s.lookup}
+            self._sides = {}
+            for name, link in self.config.links.items():
+                if link.enabled and (link.direction == "both" or name in parents):
+                    self._sides[name] = LinkSides(flows(name, link), self.connectors)
+        return self._sides
+
     def _build_detectors(self) -> None:
         sources: dict[tuple[str, str], tuple[int, float]] = {}
-        for link in self.config.links.values():
-            if not link.enabled:
-                continue
-            src = (link.source.connection, link.source.entity)
+        readers: dict[tuple[str, str], list[tuple[Flow, LinkSides | None]]] = {}
+        sides = self.link_sides()
+        for flow in self.flows():
+            link = flow.config
+            src = (flow.source.connection, flow.source.entity)
             page, interval = sources.get(src, (link.page_size, link.poll_interval))
             sources[src] = (min(page, link.page_size), min(interval, link.poll_interval))
+            readers.setdefault(src, []).append((flow, sides.get(flow.link)))
         assert self.state is not None and self.publisher is not None
         for (conn, entity), (page, interval) in sources.items():
+            flows_here = readers[(conn, entity)]
+            echo = None
+            if all(s is not None and s.two_way for _, s in flows_here):
+                echo = EchoFilter([(f, s) for f, s in flows_here if s is not None], self.state)
             detector = Detector(connection=conn, entity=entity, connector=self.connectors[conn],
                                 state=self.state, publisher=self.publisher, page_size=page,
-                                observer=self.monitor)
+                                observer=self.monitor, echo_filter=echo)
             self.detectors.append((detector, interval))
             self._wake[detector.name] = threading.Event()
         for conn in {c for c, _ in sources}:
@@ -352,26 +391,28 @@ class Worker:
 
     def _build_consumers(self) -> None:
         assert self.state is not None and self.publisher is not None
-        by_name = {q.link: q for q in self.queues}
-        for name, link in self.config.links.items():
-            if not link.enabled:
-                continue
-            target = self.connectors[link.target.connection]
+        by_name = {(q.link, q.direction): q for q in self.queues}
+        sides = self.link_sides()
+        for flow in self.flows():
+            name, link = flow.link, flow.config
+            target = self.connectors[flow.target.connection]
             try:
-                described = self.describe(link.target.connection)[link.target.entity]
+                described = self.describe(flow.target.connection)[flow.target.entity]
                 fields: list[str] | None = [f.name for f in described.fields]
             except TransientError:
                 fields = None  # the target is down: the applier asks again when it is back
             monitor = self._monitor()
-            applier = LinkApplier(name, link, target, self.state, target_fields=fields,
-                                  on_batch=functools.partial(monitor.on_applied, name))
+            label = name if flow.direction == "a2b" else flow.name
+            applier = LinkApplier(name, flow, target, self.state, sides=sides.get(name),
+                                  links=self.config.links, target_fields=fields,
+                                  on_batch=functools.partial(monitor.on_applied, label))
             consumer = BatchConsumer(
-                url=self.config.broker.url, queues=by_name[name], handler=applier,
-                publisher=self.publisher, retry=link.retry,
+                url=self.config.broker.url, queues=by_name[(name, flow.direction)],
+                handler=applier, publisher=self.publisher, retry=link.retry,
                 prefetch=self.config.broker.prefetch, batch_size=link.batch_size,
-                on_settled=functools.partial(monitor.on_settled, name),
+                on_settled=functools.partial(monitor.on_settled, label),
             )
-            monitor.add_link(name, consumer)
+            monitor.add_link(label, consumer, link_name=name, entity=flow.target.entity)
             self.consumers.append((consumer, applier))
 
     def _detect_loop(self, detector: Detector, interval: float, stop: threading.Event) -> None:

@@ -25,12 +25,24 @@ import copy
 import math
 from collections.abc import Callable, Collection, Mapping
 from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol
 
 from connectors.base import ConfigError, MappingError
-from schemas.config import FieldSpec, LinkConfig, Transform, map_key
+from schemas.config import Endpoint, FieldSpec, Transform, map_key
 
-__all__ = ["FieldMapper"]
+__all__ = ["FieldMapper", "MappingSpec"]
+
+
+class MappingSpec(Protocol):
+    """What a mapper reads: a link (a → b) or one flow of it (``consumers.flow.Flow``)."""
+
+    @property
+    def key(self) -> list[str]: ...
+
+    @property
+    def target(self) -> Endpoint: ...
+
+    def field_specs(self) -> dict[str, FieldSpec] | None: ...
 
 Getter = Callable[[Mapping[str, Any]], Any]
 Step = Callable[[Any], Any]
@@ -52,7 +64,7 @@ class FieldMapper:
             reports this earlier, with its line in the file).
     """
 
-    def __init__(self, link: LinkConfig, *, target_fields: Collection[str] | None = None) -> None:
+    def __init__(self, link: MappingSpec, *, target_fields: Collection[str] | None = None) -> None:
         self.link = link
         self.entity = link.target.entity
         specs = link.field_specs()

@@ -20,7 +20,7 @@ import structlog
 
 from bus.publisher import OutMessage, Publisher
 from bus.topology import CHANGES_EXCHANGE
-from connectors.base import ChangePage, Connector, Op
+from connectors.base import ChangePage, ChangeRecord, Connector, Op
 from producers.state import StateStore
 from schemas.event import dumps, new_event, routing_key
 
@@ -64,6 +64,8 @@ class Detector:
         publisher: Confirmed publisher.
         page_size: Changes per page (one publish-confirm-commit cycle).
         observer: Told of every page read and published.
+        echo_filter: Drops the changes that only echo syncbus's own writes (two-way
+            links: the echo rule); the cursor still moves past them.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Detector:
         publisher: Publisher,
         page_size: int,
         observer: DetectorObserver | None = None,
+        echo_filter: Callable[[list[ChangeRecord]], list[ChangeRecord]] | None = None,
     ) -> None:
         self.connection = connection
         self.entity = entity
@@ -84,6 +87,7 @@ class Detector:
         self.publisher = publisher
         self.page_size = page_size
         self.observer = observer
+        self.echo_filter = echo_filter
         self.name = f"{connection}.{entity}"
 
     def poll(self, stop: threading.Event | None = None,
@@ -126,7 +130,8 @@ class Detector:
         """Publish one page and wait for its confirms; returns the seconds it took."""
         started = time.perf_counter()
         messages = []
-        for rec in page.records:
+        records = self.echo_filter(page.records) if self.echo_filter else page.records
+        for rec in records:
             op = rec.op.value
             event = new_event(
                 connection=self.connection, entity=self.entity, op=op, key=rec.key,

@@ -32,7 +32,7 @@ from bus.redact import redact_text, redact_url
 from connectors.base import ConnectorUnavailable
 from producers.state_ops import OpsStateMixin, aware, ops_metadata
 
-__all__ = ["AppliedGuard", "StateStore"]
+__all__ = ["AppliedGuard", "PAIR_COLUMNS", "StateStore"]
 
 metadata = sa.MetaData()
 
@@ -75,6 +75,47 @@ applied = sa.Table(
     sa.Column("version", sa.BigInteger, nullable=False),
     sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+pairs = sa.Table(
+    "syncbus_pairs",
+    metadata,
+    sa.Column("link", sa.String(200), primary_key=True),
+    sa.Column("pair_key", sa.Text, primary_key=True),
+    # The connector key of each side (for lookups through the id map), when known.
+    sa.Column("a_id", sa.Text, nullable=True),
+    sa.Column("b_id", sa.Text, nullable=True),
+    # Content hash, version and modification time of each side when last synced.
+    sa.Column("a_hash", sa.String(64), nullable=True),
+    sa.Column("b_hash", sa.String(64), nullable=True),
+    sa.Column("a_version", sa.String(100), nullable=True),
+    sa.Column("b_version", sa.String(100), nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_syncbus_pairs_a_id", "link", "a_id"),
+    sa.Index("ix_syncbus_pairs_b_id", "link", "b_id"),
+)
+
+conflicts = sa.Table(
+    "syncbus_conflicts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("link", sa.String(200), nullable=False),
+    sa.Column("pair_key", sa.Text, nullable=False),
+    sa.Column("detected_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("policy", sa.String(32), nullable=False),
+    # a or b; None while a manual conflict waits for an operator.
+    sa.Column("winner", sa.String(1), nullable=True),
+    sa.Column("a_values", sa.JSON, nullable=True),
+    sa.Column("b_values", sa.JSON, nullable=True),
+    sa.Column("a_modified", sa.String(40), nullable=True),
+    sa.Column("b_modified", sa.String(40), nullable=True),
+    # The event that met the conflict, and its direction (to replay it when resolved).
+    sa.Column("event_id", sa.String(64), nullable=True),
+    sa.Column("direction", sa.String(3), nullable=False),
+    sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("resolved_by", sa.String(200), nullable=True),
+)
+
+PAIR_COLUMNS = ("a_id", "b_id", "a_hash", "b_hash", "a_version", "b_version")
 
 
 def _now() -> datetime:
@@ -219,24 +260,132 @@ class StateStore(OpsStateMixin):
     # -- applied versions ---------------------------------------------------------------
 
     @contextmanager
-    def guard(self, link: str, keys: Sequence[str]) -> Iterator[AppliedGuard]:
+    def guard(self, link: str, keys: Sequence[str], *, applied_as: str | None = None,
+              with_pairs: bool = False) -> Iterator[AppliedGuard]:
         """Lock ``keys`` of ``link`` for one batch and expose their applied versions.
 
         While the block runs no other worker applies the same records, so "compare
         versions, write the target, record the versions" is atomic across competing
         consumers. Versions recorded with :meth:`AppliedGuard.record` are committed
         when the block exits without error.
+
+        Args:
+            applied_as: Namespace of the applied versions (default ``link``); the two
+                directions of a two-way link lock the same pair keys but keep their
+                versions apart.
+            with_pairs: Also load the pair rows of ``keys`` (two-way links, id map).
         """
+        versions_ns = applied_as or link
         with self.engine.connect() as conn, conn.begin():
             self._lock(conn, link, keys)
             rows = conn.execute(
                 sa.select(applied.c.record_key, applied.c.version).where(
-                    applied.c.link == link, applied.c.record_key.in_(list(keys))
+                    applied.c.link == versions_ns, applied.c.record_key.in_(list(keys))
                 )
             ).all() if keys else []
             guard = AppliedGuard({k: v for k, v in rows})
+            if with_pairs and keys:
+                guard.pairs = {
+                    row.pair_key: {c: getattr(row, c) for c in PAIR_COLUMNS}
+                    for row in conn.execute(sa.select(pairs).where(
+                        pairs.c.link == link, pairs.c.pair_key.in_(list(keys))))}
+                guard.pairs_known = set(guard.pairs)
             yield guard
-            self._save(conn, link, guard)
+            self._save(conn, versions_ns, guard)
+            self._save_pairs(conn, link, guard)
+
+    def _save_pairs(self, conn: Connection, link: str, guard: AppliedGuard) -> None:
+        now = _now()
+        if guard.pair_updates:
+            known = guard.pairs_known
+            new = [{"link": link, "pair_key": k, "updated_at": now, **guard.pairs[k]}
+                   for k in guard.pair_updates if k not in known]
+            old = [{"b_link": link, "b_key": k, **{f"v_{c}": guard.pairs[k][c]
+                                                    for c in PAIR_COLUMNS}}
+                   for k in guard.pair_updates if k in known]
+            if new:
+                conn.execute(pairs.insert(), new)
+            if old:
+                conn.execute(
+                    pairs.update().where(pairs.c.link == sa.bindparam("b_link"),
+                                         pairs.c.pair_key == sa.bindparam("b_key"))
+                    .values(updated_at=now, **{c: sa.bindparam(f"v_{c}") for c in PAIR_COLUMNS}),
+                    old)
+        if guard.pair_deletes:
+            conn.execute(pairs.delete().where(pairs.c.link == link,
+                                              pairs.c.pair_key.in_(sorted(guard.pair_deletes))))
+        if guard.conflicts:
+            conn.execute(conflicts.insert(),
+                         [{**row, "link": link, "detected_at": now} for row in guard.conflicts])
+
+    def lookup_ids(self, link: str, side: str, ids: Sequence[str]) -> dict[str, str]:
+        """Translate connector keys of one side of ``link`` into the other side's.
+
+        Args:
+            side: ``a`` or ``b``: the side ``ids`` belong to.
+            ids: Keys as text (the single value of the connector key).
+
+        Returns:
+            Each id found → the other side's id (ids without a partner left out).
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        if not ids:
+            return {}
+        mine, other = (pairs.c.a_id, pairs.c.b_id) if side == "a" else (pairs.c.b_id, pairs.c.a_id)
+        with self._available(), self.engine.connect() as conn:
+            return {row[0]: row[1] for row in conn.execute(
+                sa.select(mine, other).where(pairs.c.link == link, mine.in_(list(set(ids))),
+                                             other.is_not(None)))}
+
+    def pair_keys_by_id(self, link: str, side: str, ids: Sequence[str]) -> dict[str, str]:
+        """The pair keys of records known by their connector key on ``side`` (deletes)."""
+        if not ids:
+            return {}
+        mine = pairs.c.a_id if side == "a" else pairs.c.b_id
+        with self._available(), self.engine.connect() as conn:
+            return {row[0]: row[1] for row in conn.execute(
+                sa.select(mine, pairs.c.pair_key).where(pairs.c.link == link,
+                                                        mine.in_(list(set(ids)))))}
+
+    def pair_hashes(self, link: str, keys: Sequence[str]) -> dict[str, tuple[str | None, str | None]]:
+        """``(a_hash, b_hash)`` per pair key (echo check of the detectors; no lock)."""
+        if not keys:
+            return {}
+        with self._available(), self.engine.connect() as conn:
+            return {row.pair_key: (row.a_hash, row.b_hash) for row in conn.execute(
+                sa.select(pairs.c.pair_key, pairs.c.a_hash, pairs.c.b_hash).where(
+                    pairs.c.link == link, pairs.c.pair_key.in_(list(set(keys)))))}
+
+    def conflict_rows(self, *, link: str | None = None, pending: bool = False,
+                      conflict_id: int | None = None,
+                      limit: int | None = None) -> list[dict[str, Any]]:
+        """The conflict log, newest first.
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        query = sa.select(conflicts).order_by(conflicts.c.id.desc())
+        if link:
+            query = query.where(conflicts.c.link == link)
+        if pending:
+            query = query.where(conflicts.c.winner.is_(None))
+        if conflict_id is not None:
+            query = query.where(conflicts.c.id == conflict_id)
+        if limit:
+            query = query.limit(limit)
+        with self._available(), self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def resolve_conflicts(self, link: str, pair_key: str, winner: str, by: str) -> int:
+        """Mark every open conflict of one record resolved in favour of ``winner``."""
+        with self._available(), self.engine.begin() as conn:
+            return int(conn.execute(
+                conflicts.update().where(conflicts.c.link == link,
+                                         conflicts.c.pair_key == pair_key,
+                                         conflicts.c.winner.is_(None))
+                .values(winner=winner, resolved_at=_now(), resolved_by=by)).rowcount)
 
     def processed_events(self, *, link: str | None = None, entity: str | None = None,
                          key_contains: str | None = None, since: datetime | None = None,
@@ -331,6 +480,34 @@ class AppliedGuard:
         self.known = dict(known)
         self.updates: dict[str, int] = {}
         self.processed: list[dict[str, object]] = []
+        #: Pair rows by pair key (``with_pairs``): a_id, b_id, a/b_hash, a/b_version.
+        self.pairs: dict[str, dict[str, Any]] = {}
+        self.pairs_known: set[str] = set()
+        self.pair_updates: set[str] = set()
+        self.pair_deletes: set[str] = set()
+        self.conflicts: list[dict[str, Any]] = []
+
+    def pair(self, key: str) -> dict[str, Any] | None:
+        """The pair row of ``key`` as last saved or set in this batch (None if none)."""
+        return self.pairs.get(key)
+
+    def set_pair(self, key: str, **values: Any) -> None:
+        """Update columns of a pair row (created if missing); committed with the batch."""
+        row = self.pairs.setdefault(key, dict.fromkeys(PAIR_COLUMNS))
+        row.update({k: None if v is None else str(v) for k, v in values.items()})
+        self.pair_updates.add(key)
+        self.pair_deletes.discard(key)
+
+    def drop_pair(self, key: str) -> None:
+        """Forget a pair (both records deleted); committed with the batch."""
+        self.pairs.pop(key, None)
+        self.pair_updates.discard(key)
+        if key in self.pairs_known:
+            self.pair_deletes.add(key)
+
+    def conflict(self, **row: Any) -> None:
+        """Add a row to the conflict log (committed with the batch)."""
+        self.conflicts.append(row)
 
     def is_stale(self, key: str, version: int) -> bool:
         """True when a version newer than or equal to ``version`` was already applied."""

@@ -60,13 +60,16 @@ __all__ = [
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_RETRY_DELAYS",
+    "DIRECTIONS",
     "DataverseConnection",
     "Duration",
     "Endpoint",
     "FieldSpec",
     "LinkConfig",
     "MetricsConfig",
+    "Overrides",
     "RetryPolicy",
+    "SoftDelete",
     "SqlConnection",
     "StateConfig",
     "SyncConfig",
@@ -422,11 +425,52 @@ class FieldSpec(_Model):
         description="What a value missing from `map` becomes: an error (the record goes to the "
         "dead-letter queue), the value unchanged, or null.",
     )
+    lookup: str | None = Field(
+        default=None, pattern=NAME_PATTERN,
+        description="A foreign key: the value (the parent's key in the source) becomes the "
+        "parent's key in the target, through the id map of the named link (e.g. `accounts`). "
+        "A child whose parent is not there yet waits in retry.",
+    )
 
     @property
     def has_const(self) -> bool:
         """True when a constant was given (even ``const: null``)."""
         return "const" in self.model_fields_set
+
+    def inverse_problem(self) -> str | None:
+        """Why this field cannot be mapped back (target → source), or None when it can.
+
+        Plain copies, defaults and lookups invert; a value map inverts when no two keys
+        map to the same value; constants and transforms lose information.
+        """
+        if self.has_const:
+            return "a constant has no source field to write back"
+        if self.transform:
+            names = ", ".join(t if isinstance(t, str) else f"round {t.round}" for t in self.transform)
+            return f"transform [{names}] has no inverse"
+        if self.map is not None:
+            seen: dict[str, str] = {}
+            for key, value in self.map.items():
+                text = map_key(value)
+                if text in seen:
+                    return (f"map sends both {seen[text]!r} and {key!r} to {value!r}, so it "
+                            "cannot be inverted")
+                seen[text] = key
+        return None
+
+    def inverted(self, target: str) -> FieldSpec:
+        """The spec that maps this field back: source field ← ``target`` field.
+
+        Call only when :meth:`inverse_problem` is None.
+        """
+        spec: dict[str, Any] = {"from": target}
+        if self.map is not None:
+            spec["map"] = {map_key(v): k for k, v in self.map.items()}
+            if self.unmapped != "error":
+                spec["unmapped"] = self.unmapped
+        if self.lookup is not None:
+            spec["lookup"] = self.lookup
+        return FieldSpec.model_validate(spec)
 
     @field_validator("map", mode="before")
     @classmethod
@@ -444,8 +488,10 @@ class FieldSpec(_Model):
             raise ValueError("give either `from` or `const`, not both")
         if not self.has_const and self.from_ is None:
             raise ValueError("needs `from` (a source field) or `const` (a constant)")
-        if self.has_const and given & {"default", "transform", "map", "unmapped"}:
-            raise ValueError("a `const` takes no default, transform, map or unmapped")
+        if self.has_const and given & {"default", "transform", "map", "unmapped", "lookup"}:
+            raise ValueError("a `const` takes no default, transform, map, unmapped or lookup")
+        if self.lookup is not None and (self.transform or self.map is not None):
+            raise ValueError("a `lookup` takes no transform or map (the id map translates it)")
         if "unmapped" in given and self.map is None:
             raise ValueError("`unmapped` needs a `map`")
         return self
@@ -522,8 +568,53 @@ class MetricsConfig(_Model):
         default=15.0, gt=0, description="Seconds between two samples of the queue depths.")
 
 
+class SoftDelete(_Model):
+    """How a soft delete marks the target record: set ``field`` to ``value``."""
+
+    field: str = Field(min_length=1, description="Target field that marks a record deleted.")
+    value: Any = Field(default=True, description="Value written into it (default true).")
+
+
+FilterAction = Literal["ignore", "delete"]
+DeletePolicy = Literal["propagate", "ignore", "soft"]
+DIRECTIONS = ("a2b", "b2a")
+
+
+def _check_filter(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from schemas.filter_expr import compile_filter  # noqa: PLC0415 - optional until loaded
+
+    compile_filter(value)  # FilterSyntaxError is a ValueError: pydantic reports it in place
+    return value
+
+
+class Overrides(_Model):
+    """Settings of the b → a direction of a two-way link that differ from a → b."""
+
+    fields: dict[str, FieldSource] | None = Field(
+        default=None,
+        description="Source (a) field → target (b) field name or spec, for b → a: replaces "
+        "or adds to the inverted field map (a field listed here is no longer inverted).",
+    )
+    filter: str | None = Field(
+        default=None, description="Upload filter: which records of b go to a (expression).")
+    filter_action: FilterAction | None = Field(
+        default=None, description="What a record of b that leaves the filter does to a.")
+    deletes: DeletePolicy | None = Field(
+        default=None, description="What a deletion in b does to a (default: the link's).")
+    soft_delete: SoftDelete | None = Field(
+        default=None, description="Field of a set by a soft delete.")
+
+    _filter_ok = field_validator("filter")(_check_filter)
+
+
 class LinkConfig(_Model):
-    """A one-way flow: changes of ``source`` are mapped and upserted into ``target``."""
+    """A flow between two entities: ``source`` (side a) and ``target`` (side b).
+
+    ``direction: a2b`` (the default) maps changes of a into b; ``b2a`` the reverse;
+    ``both`` keeps the two in sync, with echo suppression and a conflict policy.
+    """
 
     source: Endpoint
     target: Endpoint
@@ -535,9 +626,30 @@ class LinkConfig(_Model):
         description="Target field → source field name or spec. Omitted: every source field "
         "is copied to the target field of the same name.",
     )
-    deletes: Literal["propagate", "ignore"] = Field(
-        default="propagate", description="What a deletion in the source does to the target."
-    )
+    direction: Literal["a2b", "b2a", "both"] = Field(
+        default="a2b",
+        description="a2b (source → target), b2a (target → source) or both (two-way sync).")
+    conflict: Literal["source_wins", "target_wins", "newest_wins", "manual"] = Field(
+        default="newest_wins",
+        description="Two-way links: who wins when both sides changed a record since it was "
+        "last synced. newest_wins compares modification times (a tie goes to the source); "
+        "manual keeps both versions in the conflict log until an operator picks one.")
+    filter: str | None = Field(
+        default=None,
+        description="Sync filter: which records of the source take part (an expression such "
+        "as `statecode == 0 and country in [\"SK\", \"CZ\"]`).")
+    filter_action: FilterAction = Field(
+        default="ignore",
+        description="What a record that leaves the filter does to the target: ignore it "
+        "(the target keeps its copy) or delete it there.")
+    deletes: DeletePolicy = Field(
+        default="propagate",
+        description="What a deletion in the source does to the target: propagate, ignore, "
+        "or soft (set `soft_delete.field`).")
+    soft_delete: SoftDelete | None = Field(
+        default=None, description="With deletes: soft, the target field set on deletion.")
+    b2a: Overrides | None = Field(
+        default=None, description="Settings of the b → a direction (two-way links).")
     poll_interval: Duration = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
     page_size: int = Field(default=DEFAULT_PAGE_SIZE, ge=1, le=100_000)
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=10_000)
@@ -558,6 +670,32 @@ class LinkConfig(_Model):
         if twice:
             raise ValueError(f"key field(s) listed twice: {', '.join(twice)}")
         return v
+
+    _filter_ok = field_validator("filter")(_check_filter)
+
+    @model_validator(mode="after")
+    def _directions(self) -> LinkConfig:
+        if self.deletes == "soft" and self.soft_delete is None:
+            raise ValueError("deletes: soft needs soft_delete: {field: …, value: …}")
+        if self.b2a is not None and self.direction == "a2b":
+            raise ValueError("b2a settings need direction: both or b2a")
+        if "b2a" in self.directions:
+            deletes = self.reverse_deletes
+            if deletes == "soft" and (self.b2a is None or self.b2a.soft_delete is None):
+                raise ValueError("b2a deletes: soft needs b2a.soft_delete: {field: …}")
+        return self
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The directions that flow: ``("a2b",)``, ``("b2a",)`` or both."""
+        return DIRECTIONS if self.direction == "both" else (self.direction,)
+
+    @property
+    def reverse_deletes(self) -> DeletePolicy:
+        """The delete policy of b → a."""
+        if self.b2a is not None and self.b2a.deletes is not None:
+            return self.b2a.deletes
+        return self.deletes
 
     @field_validator("fields")
     @classmethod
