@@ -50,11 +50,12 @@ from connectors.dataverse.convert import from_row, parse_datetime
 from connectors.dataverse.keyset import KeySet
 from connectors.dataverse.metadata import TableMeta
 
-__all__ = ["ChangeReader"]
+__all__ = ["ANNOTATIONS", "ChangeReader", "row_version", "upsert_record"]
 
 log = structlog.get_logger(__name__)
 
-_ANNOTATIONS = 'odata.include-annotations="Microsoft.Dynamics.CRM.lookuplogicalname"'
+#: The ``Prefer`` part that brings the target table of every lookup value.
+ANNOTATIONS = 'odata.include-annotations="Microsoft.Dynamics.CRM.lookuplogicalname"'
 _FULL = ("initial", "resync")
 
 
@@ -155,7 +156,7 @@ class ChangeReader:
                 return
 
     def _prefer(self) -> str:
-        return f"odata.track-changes,odata.maxpagesize={self.page_size},{_ANNOTATIONS}"
+        return f"odata.track-changes,odata.maxpagesize={self.page_size},{ANNOTATIONS}"
 
     def _start(self, table: TableMeta, mode: str, *, hv: int) -> dict[str, Any]:
         gen = self.keys.new_generation(table.logical_name)
@@ -174,12 +175,10 @@ class ChangeReader:
                     "reason" in item and "id" in item and pk not in item):
                 deleted.append(str(item["id"]))
                 continue
-            version = _version(item)
-            hv = max(hv, version)
-            seen.append((str(item[pk]), version))
-            records.append(ChangeRecord(
-                key={pk: item[pk]}, op=Op.UPSERT, version=version,
-                modified_at=parse_datetime(item.get("modifiedon")), values=from_row(table, item)))
+            record = upsert_record(table, item)
+            hv = max(hv, int(record.version))
+            seen.append((str(item[pk]), int(record.version)))
+            records.append(record)
         full = state["mode"] in _FULL
         self.keys.seen(entity, seen, state["gen"] if full else self.keys.generation(entity))
         records += self._deletes(entity, pk, deleted, hv)
@@ -224,12 +223,20 @@ class ChangeReader:
             data = self.client.get_json(link, entity=table.logical_name,
                                         prefer=f"odata.maxpagesize={self.page_size}")
             for item in data.get("value") or ():
-                yield {pk: item[pk]}, _version(item)
+                yield {pk: item[pk]}, row_version(item)
             next_link = data.get("@odata.nextLink")
             link = self.client.relative(str(next_link)) if next_link else None
 
 
-def _version(item: dict[str, Any]) -> int:
+def upsert_record(table: TableMeta, item: dict[str, Any]) -> ChangeRecord:
+    """A Web API row (read with ``$select=table.select()`` and ``ANNOTATIONS``) as an
+    ``Op.UPSERT`` record: the one form of a row in change records and fetched records."""
+    return ChangeRecord(
+        key={table.primary_id: item[table.primary_id]}, op=Op.UPSERT, version=row_version(item),
+        modified_at=parse_datetime(item.get("modifiedon")), values=from_row(table, item))
+
+
+def row_version(item: dict[str, Any]) -> int:
     """``versionnumber``, or the number in the weak ETag ``W/"n"``."""
     value = item.get("versionnumber")
     if value is None:

@@ -11,6 +11,8 @@ Features
     * Reads at the largest page size (5,000); ``describe`` from ``EntityDefinitions``:
       types, primary id, alternate keys (``unique_keys``), lookups (``references``),
       required levels, ``ChangeTrackingEnabled``.
+    * ``fetch`` reads rows by primary id or alternate key, 50 keys per ``$filter`` query
+      (``fetch.py``), in exactly the form of the change feed.
     * Writes through ``$batch`` (``writer.py``): upserts by primary id or alternate key
       (``WriteRow.key`` tells which), lookups as ``@odata.bind`` (``convert.py``),
       per-row outcomes; 429/503/time-outs retried with tenacity through a throttle
@@ -46,6 +48,7 @@ from connectors.base import (
     ChangePage,
     ConfigError,
     EntityInfo,
+    FetchedRecord,
     Outcome,
     SchemaError,
     Version,
@@ -54,6 +57,7 @@ from connectors.base import (
 from connectors.dataverse.auth import token_cache_path
 from connectors.dataverse.changes import ChangeReader
 from connectors.dataverse.client import DataverseClient
+from connectors.dataverse.fetch import Fetcher
 from connectors.dataverse.keyset import KeySet
 from connectors.dataverse.metadata import ENTITY_QUERY, TableMeta, parse_table
 from connectors.dataverse.writer import Writer
@@ -89,6 +93,7 @@ class DataverseConnector:
         self._keys: KeySet | None = None
         self._reader: ChangeReader | None = None
         self.writer = Writer(name, self.client, cfg.batch_size, self._entity_sets)
+        self.fetcher = Fetcher(name, self.client, cfg.page_size)
         self._tables: dict[str, TableMeta] = {}
         self._sets: dict[str, str] | None = None
         self._lock = threading.Lock()
@@ -230,6 +235,25 @@ class DataverseConnector:
             ConnectorUnavailable: the organisation cannot be reached.
         """
         return self.reader.snapshot(self.table(entity))
+
+    def fetch(self, entity: str, keys: Sequence[dict[str, Any]]) -> list[FetchedRecord | None]:
+        """Read the current rows with ``keys`` (primary id or alternate key), 50 per query.
+
+        Values, version (``versionnumber``) and ``modified_at`` (``modifiedon``) are as
+        ``read_changes`` gives them; ``key`` is the primary id. The table need not have
+        change tracking.
+
+        Returns:
+            One entry per key, in order (duplicates allowed): the row, or None where
+            none exists (also for a primary id that is not a GUID).
+
+        Raises:
+            SchemaError: unknown table, or a key that is neither the primary id nor an
+                alternate key (an unknown column included).
+            ConnectorUnavailable: the organisation cannot be reached.
+            TransientError: 429/5xx after the retries.
+        """
+        return self.fetcher.fetch(self.table(entity), keys) if keys else []
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -48,7 +48,15 @@ from typing import Any
 
 from connectors.dataverse.metadata import AttributeMeta, TableMeta
 
-__all__ = ["ConversionError", "from_row", "key_segment", "parse_datetime", "to_body"]
+__all__ = [
+    "ConversionError",
+    "filter_literal",
+    "from_row",
+    "key_segment",
+    "key_value",
+    "parse_datetime",
+    "to_body",
+]
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _LOOKUP_NAME = "@Microsoft.Dynamics.CRM.lookuplogicalname"
@@ -144,6 +152,31 @@ def key_segment(table: TableMeta, key: Mapping[str, Any]) -> str:
         name = attr.property_name if attr is not None else column
         parts.append(f"{name}={_literal(converted)}")
     return f"{table.entity_set}({','.join(parts)})"
+
+
+def key_value(attr: AttributeMeta, value: Any) -> Any:
+    """A key column's value in its JSON form (GUIDs of ids and lookups lower-case).
+
+    Raises:
+        ConversionError: the value does not fit the column (or is null).
+    """
+    if value is None:
+        raise ConversionError(f"column {attr.name!r}: a key value cannot be null")
+    if attr.primary_id or attr.is_lookup or attr.type == "Uniqueidentifier":
+        return _guid(value, attr.name)
+    return _convert(attr, value)
+
+
+def filter_literal(attr: AttributeMeta, value: Any) -> str:
+    """A ``key_value`` as a ``$filter`` literal (not URL-encoded): ``'A-1'``, ``42``, a bare
+    GUID or date-time."""
+    if attr.primary_id or attr.is_lookup or attr.type in ("Uniqueidentifier", "DateTime"):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _literal(value: Any) -> str:
