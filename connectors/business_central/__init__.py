@@ -3,8 +3,9 @@
 Modules: ``connector`` (the public ``BusinessCentralConnector``), ``client`` (HTTP,
 tokens, retries, paging, ``$batch``), ``metadata`` (``$metadata`` → entities),
 ``detection`` (row-version and modification-time change feeds, deletions),
-``index`` (the key index for deletions), ``writer`` (upserts and deletes),
-``webhooks`` (subscriptions and the receiver) and ``emulator`` (the sandbox).
+``index`` (the key index for deletions), ``fetch`` (records by key), ``writer``
+(upserts and deletes), ``webhooks`` (subscriptions and the receiver) and ``emulator``
+(the sandbox).
 """
 
 from __future__ import annotations

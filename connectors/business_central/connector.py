@@ -15,6 +15,8 @@ Features
       periodic key-set reconciliation (``sync_deletion: true``, Resco's "Sync
       Deletion": slower, off by default). Webhooks also wake the poll early:
       :meth:`~BusinessCentralConnector.add_change_listener`.
+    * ``fetch`` reads records by key, 50 keys per ``$filter`` query (see ``fetch``), in
+      exactly the form of the change feed.
     * Upserts by ``number`` (or the key a link maps) with ETags, conflicts re-read and
       retried once (a hook for other policies), ``$batch`` of ≤ 100, 429 backed off with
       jitter, every outcome classified (see ``writer``).
@@ -49,6 +51,7 @@ from connectors.base import (
     ChangePage,
     ConfigError,
     EntityInfo,
+    FetchedRecord,
     Outcome,
     SchemaError,
     Version,
@@ -56,6 +59,7 @@ from connectors.base import (
 )
 from connectors.business_central.client import BCClient
 from connectors.business_central.detection import ChangeFeed, FeedSettings
+from connectors.business_central.fetch import Fetcher
 from connectors.business_central.index import KeyIndex
 from connectors.business_central.metadata import PageInfo, entity_info, parse_metadata
 from connectors.business_central.webhooks import (
@@ -110,6 +114,7 @@ class BusinessCentralConnector:
         self.client = BCClient(name, cfg)
         hook = on_conflict or (retry_once if cfg.conflict == "retry_once" else fail_on_conflict)
         self.writer = Writer(self.client, cfg.batch_size, hook)
+        self.fetcher = Fetcher(self.client)
         self._pages: dict[str, PageInfo] | None = None
         self._feeds: dict[str, ChangeFeed] = {}
         self._index: KeyIndex | None = None
@@ -234,6 +239,24 @@ class BusinessCentralConnector:
         """
         return self._feed(entity).snapshot()
 
+    def fetch(self, entity: str, keys: Sequence[dict[str, Any]]) -> list[FetchedRecord | None]:
+        """Read the current records with ``keys``, 50 keys per ``$filter`` query.
+
+        A key is the page key (``id``/``No``), ``number``, the configured ``key``, or
+        other fields an upsert could look records up by. ``key``, ``values``,
+        ``version`` and ``modified_at`` are as ``read_changes`` gives them (an entity
+        without change detection gets its ETag as version).
+
+        Returns:
+            One entry per key, in order (duplicates allowed): the record, or None where
+            none exists, the value does not fit its field, or several records match.
+
+        Raises:
+            SchemaError: unknown entity, or a key naming a field the entity lacks.
+            ConnectorUnavailable, TransientError: Business Central is unavailable.
+        """
+        return self.fetcher.fetch(self._record_feed(entity), keys) if keys else []
+
     # -- writing -----------------------------------------------------------------------
 
     def upsert(self, entity: str, rows: Sequence[WriteRow]) -> list[Outcome]:
@@ -342,6 +365,15 @@ class BusinessCentralConnector:
                 tuple(settings.key)), self._key_index() if track else None)
             self._feeds[entity] = feed
         return feed
+
+    def _record_feed(self, entity: str) -> ChangeFeed:
+        """The entity's change feed; for a page without change detection, a feed that
+        only turns rows into records (version: the ETag)."""
+        page = self.page(entity)
+        if page.version_field is None and page.modified_field is None:
+            return ChangeFeed(self.client, page, FeedSettings(
+                "modified", 0.0, False, 0.0, False, tuple(self._settings(entity).key)), None)
+        return self._feed(entity)
 
     def _key_index(self) -> KeyIndex:
         if self._index is None:

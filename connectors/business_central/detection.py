@@ -196,7 +196,7 @@ class ChangeFeed:
                                                  for r in rows))
             else:
                 fresh = self._unseen(state, rows)
-            records = self._moved(fresh) + [self._record(r) for r in fresh]
+            records = self._moved(fresh) + [self.record(r) for r in fresh]
             yield ChangePage(records, state.dump(), more=more)
 
     def _query(self, state: _State) -> dict[str, str]:
@@ -320,7 +320,8 @@ class ChangeFeed:
             return int(last or 0) + 1
         return f"{last}|deleted"
 
-    def _record(self, row: dict[str, Any]) -> ChangeRecord:
+    def record(self, row: dict[str, Any]) -> ChangeRecord:
+        """A row as an ``Op.UPSERT`` record: the one form of change and fetched records."""
         values = {k: v for k, v in row.items() if not k.startswith("@odata.")}
         mf = self.page.modified_field
         modified = parse_time(str(row[mf])) if mf and row.get(mf) else None

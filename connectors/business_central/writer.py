@@ -27,6 +27,7 @@ Limits
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,13 +39,14 @@ from connectors.base import ConnectorUnavailable, Outcome, OutcomeStatus, Transi
 from connectors.business_central.client import BCClient, quote_key
 from connectors.business_central.metadata import FieldMeta, PageInfo
 
-__all__ = ["ConflictHook", "Writer", "fail_on_conflict", "retry_once"]
+__all__ = ["ConflictHook", "Writer", "fail_on_conflict", "key_literal", "key_value", "retry_once"]
 
 #: ``(entity, row, current)`` → the row to write again, or None to give up. ``current``
 #: is the record as Business Central holds it now (None when it is gone). Conflict
 #: policies of later versions plug in here.
 ConflictHook = Callable[[str, WriteRow, dict[str, Any] | None], WriteRow | None]
 _TRANSIENT = {408, 429}
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _EMPTY: dict[str, Any] = {"Edm.String": "", "Edm.Guid": "00000000-0000-0000-0000-000000000000",
                           "Edm.Decimal": 0, "Edm.Double": 0, "Edm.Int32": 0, "Edm.Int64": 0,
                           "Edm.Boolean": False, "Edm.Date": "0001-01-01",
@@ -278,6 +280,31 @@ def _payload(page: PageInfo, row: WriteRow, *, create: bool) -> dict[str, Any]:
             continue  # the page key is sent only to create a record upserted by that key
         body[name] = _convert(meta, value)
     return body
+
+
+def key_literal(page: PageInfo, name: str, value: Any) -> str:
+    """A key value as a ``$filter`` literal (not URL-encoded), converted as upserts do.
+
+    Raises:
+        ValueError: the page has no such field, or the value does not fit it.
+    """
+    literal = _literal(page, name, value)
+    if page.fields[name].type == "Edm.Guid" and not _GUID.fullmatch(literal):
+        raise _Unconvertible(f"field {name!r}: {value!r} is not a GUID")
+    return literal
+
+
+def key_value(page: PageInfo, name: str, value: Any) -> Any:
+    """A key value as Business Central compares it: converted, text case-folded.
+
+    Raises:
+        ValueError: the page has no such field, or the value does not fit it.
+    """
+    meta = page.fields.get(name)
+    if meta is None:
+        raise _Unconvertible(f"{page.entity_set} has no field {name!r}")
+    converted = _convert(meta, value)
+    return converted.casefold() if isinstance(converted, str) else converted
 
 
 def _literal(page: PageInfo, name: str, value: Any) -> str:
