@@ -9,6 +9,10 @@ compare equal.
 
 A key whose value cannot be a value of its column (``"abc"`` for an integer) or is
 null names no row: its entry is None, like a key that matches nothing.
+
+Limits
+    * Rows are matched to keys by exact value: a key column with a case-insensitive
+      collation (``COLLATE NOCASE``, ``citext``) finds a row only when the case agrees.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from connectors.base import FetchedRecord, SchemaError
 from connectors.sql.schema import Catalog, TableInfo
 from connectors.sql.tracking import Tracker
 
-__all__ = ["FETCH_CHUNK", "Fetcher"]
+__all__ = ["FETCH_CHUNK", "Fetcher", "MAX_PARAMS"]
 
 #: Keys per query (one chunk, one round trip).
 FETCH_CHUNK = 500
