@@ -381,7 +381,7 @@ class LinkApplier:
                                   with_pairs=self.tracked) as guard:
                 fresh = []
                 for item in items:
-                    if isinstance(item.version, int) and guard.is_stale(item.record_key, item.version):
+                    if isinstance(item.version, int) and self._is_stale(item, guard):
                         decisions[item.index] = Decision.ack()
                         self.stats.stale += 1
                     else:
@@ -402,7 +402,7 @@ class LinkApplier:
                                           key=item.record_key, op=item.op, version=item.version)
                     if self.sides is not None:
                         self._remember(item, guard)
-                        if item.op == "upsert" and "current" not in item.extra:
+                        if item.op == "upsert" and item.extra.get("current") is None:
                             created.append(item)
                 if created:
                     self._learn_ids(created, guard)
@@ -416,6 +416,19 @@ class LinkApplier:
             return
         self._log.info("batch_applied", count=len(items),
                        ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def _is_stale(self, item: _Item, guard: AppliedGuard) -> bool:
+        """The ordering rule: this version, or a newer one, was applied or seen already.
+
+        On tracked links the pair row also remembers the version of each side read
+        back while settling a conflict, so a change that lost is not applied later.
+        """
+        if guard.is_stale(item.record_key, item.version):
+            return True
+        if self.sides is None:
+            return False
+        seen = (guard.pair(item.record_key) or {}).get(f"{self.flow.source_side}_version")
+        return isinstance(seen, str) and seen.isdigit() and item.version <= int(seen)
 
     # -- two-way ----------------------------------------------------------------------
 

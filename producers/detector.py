@@ -20,7 +20,7 @@ import structlog
 
 from bus.publisher import OutMessage, Publisher
 from bus.topology import CHANGES_EXCHANGE
-from connectors.base import ChangePage, ChangeRecord, Connector, Op
+from connectors.base import ChangeRecord, Connector, Op
 from producers.state import StateStore
 from schemas.event import dumps, new_event, routing_key
 
@@ -36,6 +36,8 @@ class PollResult:
     upserts: int = 0
     deletes: int = 0
     pages: int = 0
+    #: Changes not published because they only echoed syncbus's own writes.
+    echoes: int = 0
 
     @property
     def changes(self) -> int:
@@ -107,11 +109,13 @@ class Detector:
         if not self.connector.has_changes(self.entity, cursor):
             return result
         for page in self.connector.read_changes(self.entity, cursor, self.page_size):
-            deletes = sum(1 for rec in page.records if rec.op is Op.DELETE)
-            upserts = len(page.records) - deletes
+            records = self.echo_filter(page.records) if self.echo_filter else page.records
+            result.echoes += len(page.records) - len(records)
+            deletes = sum(1 for rec in records if rec.op is Op.DELETE)
+            upserts = len(records) - deletes
             if self.observer is not None:
                 self.observer.page_read(self, upserts, deletes)
-            seconds = self._publish(page, cursor)
+            seconds = self._publish(records, cursor)
             self.state.save_cursor(self.name, page.next_cursor, changes=len(page.records))
             cursor = page.next_cursor
             result.pages += 1
@@ -121,16 +125,15 @@ class Detector:
                 self.observer.page_published(self, upserts, deletes, seconds)
             if (stop is not None and stop.is_set()) or (keep_going and not keep_going()):
                 break
-        if result.changes:
+        if result.changes or result.echoes:
             log.info("changes_published", detector=self.name, upserts=result.upserts,
-                     deletes=result.deletes, pages=result.pages)
+                     deletes=result.deletes, pages=result.pages, echoes=result.echoes)
         return result
 
-    def _publish(self, page: ChangePage, cursor: str | None) -> float:
+    def _publish(self, records: list[ChangeRecord], cursor: str | None) -> float:
         """Publish one page and wait for its confirms; returns the seconds it took."""
         started = time.perf_counter()
         messages = []
-        records = self.echo_filter(page.records) if self.echo_filter else page.records
         for rec in records:
             op = rec.op.value
             event = new_event(
