@@ -14,6 +14,7 @@ import typer
 from bus import app
 from bus.cli_emulate import emulate
 from bus.cli_events import register as register_event_commands
+from bus.cli_meta import register as register_meta_commands
 from bus.cli_ops import register as register_ops_commands
 from bus.cli_tx import tx
 
@@ -142,6 +143,7 @@ cli.add_typer(emulate, name="emulate")
 register_event_commands(cli)
 cli.add_typer(tx, name="tx")
 register_ops_commands(cli)
+register_meta_commands(cli)
 
 
 def main() -> None:
