@@ -263,3 +263,108 @@ def stats(config: ConfigOpt,
         Console().print(table)
 
     _run(log, act)
+
+
+@tx.command()
+def conflicts(
+    config: ConfigOpt,
+    link: LinkOpt = None,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="Resolved conflicts too (by default only those waiting for an operator).")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="At most this many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON array, both versions included.")
+                       ] = False,
+) -> None:
+    """The conflict log of two-way links: records both sides changed since the last sync.
+
+    Each row keeps both versions and who won: the link's policy (source_wins, target_wins,
+    newest_wins), an operator, or nobody yet (manual policy: pending). Resolve a pending one
+    with `syncbus tx resolve`.
+
+    Examples:
+
+      syncbus tx conflicts -c sync.yaml
+
+      syncbus tx conflicts -c sync.yaml --all --link accounts --json
+    """
+    try:
+        loaded = load_config(config).config
+    except ConfigError as exc:
+        _err.print(exc.message, markup=False)
+        raise typer.Exit(2) from None
+    from producers.state import StateStore  # noqa: PLC0415 - only this command needs it
+
+    state = StateStore(loaded.state.url)
+    try:
+        rows = state.conflict_rows(link=link, pending=not all_, limit=limit)
+    except BusError as exc:
+        _err.print(f"syncbus: {exc.message}", markup=False)
+        raise typer.Exit(1) from None
+    finally:
+        state.close()
+    if as_json:
+        json.dump(rows, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    out = Console()
+    if not rows:
+        out.print("no pending conflicts" if not all_ else "no conflicts")
+        return
+    table = Table("#", "link", "record", "detected", "policy", "winner", "a", "b", box=None)
+    for r in rows:
+        table.add_row(str(r["id"]), r["link"], r["pair_key"], str(r["detected_at"])[:19],
+                      r["policy"], r["winner"] or "pending", _brief(r["a_values"]),
+                      _brief(r["b_values"]))
+    out.print(table)
+    out.print(f"{len(rows)} conflict(s); resolve one: syncbus tx resolve -c {config} "
+              f"{rows[0]['id']} --keep a|b")
+
+
+def _brief(values: dict[str, object] | None) -> str:
+    if values is None:
+        return "(deleted)"
+    text = json.dumps(values, default=str, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+@tx.command()
+def resolve(
+    config: ConfigOpt,
+    conflict: Annotated[str, typer.Argument(
+        help="The conflict: its # in `tx conflicts`, or the event id in the error text.")],
+    keep: Annotated[str, typer.Option(
+        help="The side whose version wins: a (the link's source) or b (its target).")],
+) -> None:
+    """Settle a conflict by keeping one side's version; the other side is overwritten.
+
+    The kept side's current record is sent through the bus to the other side, and the
+    record's changes waiting in the dead-letter queue are replayed with the decision.
+    The conflict log keeps both versions and who decided.
+
+    Examples:
+
+      syncbus tx resolve -c sync.yaml 12 --keep a
+
+      syncbus tx resolve -c sync.yaml 06d1d8e8-4e06-5381-a49a-bba362aaab46 --keep b
+    """
+    import getpass  # noqa: PLC0415
+
+    from bus.conflicts import resolve as resolve_conflict  # noqa: PLC0415
+
+    try:
+        loaded = load_config(config).config
+        result = resolve_conflict(loaded, conflict, keep, by=getpass.getuser())
+    except ConfigError as exc:
+        _err.print(exc.message, markup=False)
+        raise typer.Exit(2) from None
+    except BusError as exc:
+        _err.print(f"syncbus: {exc.message}", markup=False)
+        raise typer.Exit(1) from None
+    typer.echo(f"link {result.link}, record {result.pair_key}: side {result.keep} kept "
+               f"({result.conflicts} open conflict(s) closed)")
+    if result.sent:
+        typer.echo(f"side {result.keep}'s current version queued for the other side")
+    typer.echo(f"{result.replayed} waiting transaction(s) replayed with the decision")
+    for note in result.notes:
+        typer.echo(f"note: {note}")

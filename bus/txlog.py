@@ -246,8 +246,13 @@ class TxLog:
 
     # -- moving -----------------------------------------------------------------------
 
-    def replay(self, flt: TxFilter, progress: Progress | None = None) -> MoveResult:
-        """Set matching Error transactions to Pending: back to their link's work queue."""
+    def replay(self, flt: TxFilter, progress: Progress | None = None, *,
+               extra_headers: dict[str, Any] | None = None) -> MoveResult:
+        """Set matching Error transactions to Pending: back to their link's work queue.
+
+        Args:
+            extra_headers: Set on every replayed copy (e.g. a conflict's chosen winner).
+        """
         now = datetime.now(UTC).isoformat()
         known = {lq.work: n for n, lk in self.config.links.items() if lk.enabled
                  for lq in all_link_queues(n, lk)}
@@ -264,6 +269,7 @@ class TxLog:
                 -20:]
             hdrs[headers.ROUTING_KEY] = tx.routing_key
             hdrs[headers.LINK] = tx.link
+            hdrs.update(extra_headers or {})
             return OutMessage("", queue, tx.body, hdrs, tx.id or None, mandatory=True)
 
         return self._move(DEAD_QUEUE, "error", flt, copy, progress)

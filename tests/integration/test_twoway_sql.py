@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
+from typer.testing import CliRunner
 
+from bus.cli import cli
 from bus.config import load_config
 from bus.worker import RunSummary, Worker
 from producers.state import StateStore
@@ -75,8 +77,9 @@ def sides(tmp_path: Path, pg_url: str, amqp_url: str):
                 conn.exec_driver_sql(statement)
 
     def make(**accounts: Any) -> Worker:
-        worker = Worker(load_config(_config(tmp_path, a_url, pg_url, amqp_url,
-                                            **accounts)).config)
+        path = _config(tmp_path, a_url, pg_url, amqp_url, **accounts)
+        worker = Worker(load_config(path).config)
+        worker.config_path = path  # type: ignore[attr-defined]
         worker.prepare_sources()
         worker.open()
         return worker
@@ -226,6 +229,7 @@ def test_manual_conflict_waits_for_an_operator(sides):
     a, b, make = sides
     _exec(a, "INSERT INTO accounts (code, name, status, credit) VALUES ('M1', 'base', 'A', 10)")
     worker = make(conflict="manual")
+    config_path = Path(worker.config_path)
     try:
         _settle(worker)
         _exec(a, "UPDATE accounts SET name = 'mine' WHERE code = 'M1'")
@@ -234,9 +238,22 @@ def test_manual_conflict_waits_for_an_operator(sides):
         assert summary.dead >= 1
         assert _a_accounts(a)["M1"][0] == "mine"  # neither side overwritten
         assert _b_accounts(b)["M1"][0] == "theirs"
-        pending = StateStore(worker.config.state.url).conflict_rows(pending=True)
+        state = StateStore(worker.config.state.url)
+        pending = state.conflict_rows(pending=True)
         assert pending and pending[0]["a_values"]["name"] == "mine"
         assert pending[0]["b_values"]["title"] == "theirs"
+        listed = CliRunner().invoke(cli, ["tx", "conflicts", "-c", str(config_path)])
+        assert listed.exit_code == 0, listed.output
+        assert "pending" in listed.output and "mine" in listed.output
+        resolved = CliRunner().invoke(cli, ["tx", "resolve", "-c", str(config_path),
+                                            str(pending[0]["id"]), "--keep", "b"])
+        assert resolved.exit_code == 0, resolved.output
+        assert "side b kept" in resolved.output
+        summary = _settle(worker)
+        assert summary.dead_total == 0  # the waiting changes were replayed and settled
+        assert _a_accounts(a)["M1"][0] == _b_accounts(b)["M1"][0] == "theirs"
+        assert state.conflict_rows(pending=True) == []
+        assert {r["resolved_by"] for r in state.conflict_rows() if r["policy"] == "manual"} != {None}
     finally:
         worker.close()
 
