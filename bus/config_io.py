@@ -63,6 +63,8 @@ EXPORT_HEADER = ("# syncbus configuration, canonical form (syncbus config export
 LiveCheck = Callable[[LoadedConfig], list[str]]
 
 _REF = "${"
+# A value that is a URL (a filter expression that merely quotes one is not).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 # Secret query parameters of a URL (the names bus.redact masks).
 _QUERY_SECRET = re.compile(
     r"(?i)(?<![A-Za-z0-9_])(password|passwd|pwd|secret|client_secret|token|access_token|"
@@ -250,7 +252,7 @@ class _Canonical:
 
     def value(self, value: Any, raw: Any, loc: Loc, *, duration: bool = False) -> Any:
         if isinstance(raw, str) and _REF in raw:  # a reference: written as it was
-            return self._url(raw, loc) if "://" in raw else raw
+            return self._url(raw, loc) if _URL.match(raw) else raw
         if isinstance(value, BaseModel):
             return self.model(value, raw if isinstance(raw, dict) else None, loc)
         if isinstance(value, SecretStr):
@@ -266,7 +268,7 @@ class _Canonical:
             return _Flow(items) if scalar else items
         if duration and isinstance(value, float):
             return _duration_text(value)
-        if isinstance(value, str) and "://" in value:
+        if isinstance(value, str) and _URL.match(value):
             return self._url(value, loc)
         return value
 

@@ -81,6 +81,12 @@ def _run(path: Path) -> tuple[int, list[str]]:
     return app.run(path, until_idle=True, max_wait=60, echo=lines.append), lines
 
 
+def _execute(engine: sa.Engine, *statements: str) -> None:
+    with engine.begin() as conn:
+        for sql in statements:
+            conn.exec_driver_sql(sql)
+
+
 def _rows(engine: sa.Engine, sql: str) -> list[tuple]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.exec_driver_sql(sql)]
@@ -93,10 +99,9 @@ def test_a_removed_field_is_reported_and_only_its_link_is_refused(env):
     assert _diff(path) == (0, ["link customers: OK", "link products: OK"])
 
     # Given a mapped source field removed, and new rows on both links
-    with src.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE customers DROP COLUMN email")
-        conn.exec_driver_sql("INSERT INTO customers VALUES (2, 'Boris')")
-        conn.exec_driver_sql("INSERT INTO products VALUES (2, 'Coffee', 4.20)")
+    _execute(src, "ALTER TABLE customers DROP COLUMN email",
+             "INSERT INTO customers VALUES (2, 'Boris')",
+             "INSERT INTO products VALUES (2, 'Coffee', 4.20)")
 
     # Then schema diff names it
     code, lines = _diff(path)
@@ -127,10 +132,9 @@ def test_a_changed_type_refuses_the_link_until_accepted(env):
     path, src, dst = env
     code, lines = _run(path)  # the worker records the types it sees first
     assert code == app.EXIT_OK, lines
-    with src.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE products ALTER COLUMN price TYPE TEXT")
-        conn.exec_driver_sql("INSERT INTO products VALUES (2, 'Coffee', '4.20')")
-        conn.exec_driver_sql("INSERT INTO customers VALUES (2, 'Boris', 'boris@example.com')")
+    _execute(src, "ALTER TABLE products ALTER COLUMN price TYPE TEXT",
+             "INSERT INTO products VALUES (2, 'Coffee', '4.20')",
+             "INSERT INTO customers VALUES (2, 'Boris', 'boris@example.com')")
 
     code, lines = _diff(path)
     assert code == 1
@@ -156,8 +160,7 @@ def test_a_changed_type_refuses_the_link_until_accepted(env):
 
 def test_a_vanished_entity_is_drift(env):
     path, src, _dst = env
-    with src.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE products")
+    _execute(src, "DROP TABLE products")
     code, lines = _diff(path)
     assert code == 1
     assert lines[1:] == ["link products: 1 problem(s)",

@@ -221,3 +221,14 @@ def test_cli_export_of_an_invalid_config_exits_2(tmp_path: Path):
     path.write_text("connections: {}\n")
     result = CliRunner().invoke(cli, ["config", "export", "-c", str(path)])
     assert result.exit_code == 2 and "connections" in result.output
+
+
+def test_values_that_only_quote_a_url_are_left_alone(source: Path):
+    path = source
+    path.write_text(SOURCE.replace(
+        "    key: id\n",
+        "    key: id\n    filter: 'websiteurl != \"https://u:pw@x/?token=abc\"'\n"))
+    exported = export_config(path)
+    assert exported.warnings == []
+    assert yaml.safe_load(exported.text)["links"]["customers"]["filter"] == (
+        'websiteurl != "https://u:pw@x/?token=abc"')
