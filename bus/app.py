@@ -15,7 +15,7 @@ import structlog
 
 from bus.config import LoadedConfig, load_config
 from bus.log import configure_logging
-from bus.validate import check_urls, validate_config
+from bus.validate import check_urls, link_notes, validate_config
 from bus.worker import RunSummary, Worker
 from connectors.base import BusError, ConfigError
 
@@ -29,6 +29,7 @@ __all__ = [
     "run",
     "setup",
     "setup_logging",
+    "summarize",
     "validate",
 ]
 
@@ -84,17 +85,16 @@ def _check_live(loaded: LoadedConfig, worker: Worker, echo: Echo, *,
 def _untracked_sources(loaded: LoadedConfig, worker: Worker) -> list[str]:
     """Sources that ``syncbus setup`` has not prepared yet, located."""
     problems = []
-    for name, link in loaded.config.links.items():
-        if not link.enabled:
-            continue
+    for flow in worker.flows():
         try:
-            info = worker.describe(link.source.connection).get(link.source.entity)
+            info = worker.describe(flow.source.connection).get(flow.source.entity)
         except BusError:
             continue  # unreachable: the detector retries until it is back
         if info is not None and not info.change_tracking:
+            side = "source" if flow.direction == "a2b" else "target"
             problems.append(loaded.problem(
-                ("links", name, "source", "entity"),
-                f"{link.source.connection}.{link.source.entity} is not prepared for change "
+                ("links", flow.link, side, "entity"),
+                f"{flow.source.connection}.{flow.source.entity} is not prepared for change "
                 f"tracking: run `syncbus setup --config {loaded.path}` first"))
     return problems
 
@@ -125,7 +125,7 @@ def validate(path: Path, *, echo: Echo = print) -> int:
         cfg = loaded.config
         echo(f"{path}: OK — {_plural(len(cfg.connections), 'connection')}, "
              f"{_plural(len(cfg.links), 'link')}")
-        for note in _untracked_sources(loaded, worker):
+        for note in [*link_notes(loaded), *_untracked_sources(loaded, worker)]:
             echo(f"  note: {note}")
         return EXIT_OK
 
@@ -151,7 +151,7 @@ def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
         worker.open()
         if until_idle:
             summary = worker.run_until_idle(max_wait=max_wait, on_progress=echo)
-            return _summarize(summary, echo)
+            return summarize(summary, echo)
         worker.run(stop or _signal_stop())
         return EXIT_OK
 
@@ -202,7 +202,8 @@ def _signal_stop() -> threading.Event:
     return stop
 
 
-def _summarize(summary: RunSummary, echo: Echo) -> int:
+def summarize(summary: RunSummary, echo: Echo) -> int:
+    """Print a run's summary; returns the exit code (0 ok, 1 dead letters, 3 timed out)."""
     for link in summary.links:
         echo(f"link {link.link}: {link.upserted} upserted, {link.deleted} deleted, "
              f"{link.skipped} skipped, {link.retried} retried, {link.dead} dead-lettered"

@@ -21,10 +21,11 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from bus.config import LoadedConfig, Loc
 from bus.redact import redact_text, redact_url
-from connectors.base import BusError, EntityInfo, FieldInfo, TransientError
+from connectors.base import BusError, ConfigError, EntityInfo, FieldInfo, TransientError
+from consumers.flow import Flow, flows
 from schemas.config import Endpoint, LinkConfig, SqlConnection, SyncConfig
 
-__all__ = ["Describe", "SQL_DIALECTS", "check_urls", "validate_config"]
+__all__ = ["Describe", "SQL_DIALECTS", "check_urls", "link_notes", "validate_config"]
 
 #: Databases the SQL connector and the state store support.
 SQL_DIALECTS = ("postgresql", "sqlite")
@@ -78,6 +79,23 @@ def validate_config(loaded: LoadedConfig, describe: Describe, *,
     found += checker.found
     found.sort(key=lambda item: loaded.line_of(item[0]) or 0)
     return [loaded.problem(loc, msg) for loc, msg in found]
+
+
+def link_notes(loaded: LoadedConfig) -> list[str]:
+    """Things worth knowing that are not errors: fields that flow one way only."""
+    notes = []
+    for name, link in loaded.config.links.items():
+        try:
+            link_flows = flows(name, link)
+        except ConfigError:
+            continue  # reported by validate_config
+        for flow in link_flows:
+            for target, why in flow.one_way.items():
+                notes.append(loaded.problem(
+                    ("links", name, "fields", target),
+                    f"field {target!r} flows a → b only: {why} (set it in `b2a.fields` to map "
+                    "it back)"))
+    return notes
 
 
 # -- URLs ------------------------------------------------------------------------------
@@ -161,8 +179,59 @@ class _LinkChecker:
         targets = self._field_map(base, link, src, tgt)
         if targets is not None and not unknown_keys:
             self._key_mapping(base, link, targets, tgt)
-        if tgt is not None and targets is not None:
+        if tgt is not None and targets is not None and "a2b" in link.directions:
             self._required(base, link, targets, tgt)
+        self._two_way(name, link, src, tgt)
+
+    def _two_way(self, name: str, link: LinkConfig, src: EntityInfo | None,
+                 tgt: EntityInfo | None) -> None:
+        """Directions, filters, soft deletes and lookups."""
+        base: Loc = ("links", name)
+        try:
+            link_flows = flows(name, link)
+        except ConfigError as exc:
+            self._add((*base, "key"), exc.message)
+            return
+        for flow in link_flows:
+            reads, writes = (src, tgt) if flow.direction == "a2b" else (tgt, src)
+            over: Loc = base if flow.direction == "a2b" else (*base, "b2a")
+            if flow.filter is not None and reads is not None:
+                for fld in sorted(flow.filter.fields):
+                    if reads.field(fld) is None:
+                        self._add((*over, "filter"), f"filter field {fld!r} is not a field of "
+                                  f"{_where(flow.source)}{_hint(fld, _names(reads))}")
+            if flow.soft_delete is not None and writes is not None \
+                    and writes.field(flow.soft_delete.field) is None:
+                self._add((*over, "soft_delete", "field"), f"soft delete field "
+                          f"{flow.soft_delete.field!r} is not a field of {_where(flow.target)}")
+            for column, parent in flow.lookups().items():
+                self._lookup(base, flow.direction, column, parent, flow)
+        if "b2a" in link.directions and src is not None and tgt is not None:
+            reverse = link_flows[-1]
+            if all(src.field(k) is not None for k in link.key) and not src.is_unique(link.key):
+                self._add((*base, "key"), f"b → a upserts into {_where(link.source)} by "
+                          f"({', '.join(link.key)}), which is not unique there; add a unique "
+                          "constraint or use its primary key")
+            written = set(reverse.specs or {}) if reverse.specs is not None else {
+                f.name for f in tgt.fields}
+            for required in src.fields:
+                if not required.nullable and required.name not in written \
+                        and not _generated(required, src):
+                    self._add((*base, "b2a"), f"field {required.name!r} of {_where(link.source)} "
+                              "is required (NOT NULL) but nothing maps to it from b → a")
+
+    def _lookup(self, base: Loc, direction: str, column: str, parent: str, flow: Flow) -> None:
+        where: Loc = (*base, "fields", column) if direction == "a2b" else (*base, "b2a")
+        other = self.config.links.get(parent)
+        if other is None:
+            self._add(where, f"lookup through unknown link {parent!r} "
+                      f"({_did_you_mean(parent, self.config.links)}links: "
+                      f"{_listing(self.config.links)})")
+            return
+        pair = {other.source.connection, other.target.connection}
+        if {flow.source.connection, flow.target.connection} != pair:
+            self._add(where, f"lookup link {parent!r} connects {' and '.join(sorted(pair))}, "
+                      f"not {flow.source.connection} and {flow.target.connection}")
 
     def _endpoint(self, loc: Loc, conn: str, entity: str, live: bool) -> EntityInfo | None:
         known = list(self.config.connections)

@@ -254,12 +254,14 @@ class Worker:
         return ok, {"worker": self.owner, "threads": len(self._threads), "dead_threads": dead}
 
     def run_until_idle(self, *, max_wait: float = 600.0,
-                       on_progress: Callable[[str], None] | None = None) -> RunSummary:
+                       on_progress: Callable[[str], None] | None = None,
+                       poll: bool = True) -> RunSummary:
         """Poll every source once, deliver everything pending, and report.
 
         Args:
             max_wait: Seconds to wait for pending deliveries (retries included).
             on_progress: Called with one line per step, for the CLI.
+            poll: False to only deliver what is queued (Sync All publishes itself).
         """
         started = time.monotonic()
         started_at = datetime.now(UTC)
@@ -273,7 +275,7 @@ class Worker:
         threads = [self._thread(f"consumer-{c.queues.work}", c.run, stop) for c, _ in self.consumers]
         threads.append(self._thread("monitor", self._monitor().run, stop, None))
         try:
-            for detector, _ in self.detectors:
+            for detector, _ in self.detectors if poll else ():
                 try:
                     if not self._wait_lease(detector, started + max_wait):
                         say(f"{detector.name}: not polled here, worker "

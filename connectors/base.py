@@ -302,7 +302,10 @@ class Connector(Protocol):
         in exactly the form ``read_changes`` gives them, so hashes of both compare.
 
         Returns:
-            One entry per key, in order: the record, or None where none exists.
+            One entry per key, in order: the record, or None where none exists (also
+            for a key value that cannot exist, e.g. text for an integer id, and in
+            Business Central for a key that matches several records): the upsert of
+            that record then reports its own error.
 
         Raises:
             ConnectorUnavailable: the system cannot be reached.

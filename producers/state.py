@@ -190,6 +190,15 @@ class StateStore(OpsStateMixin):
             if not done:
                 conn.execute(checkpoints.insert().values(detector=detector, **values))
 
+    def clear_cursor(self, detector: str) -> None:
+        """Forget the cursor of ``detector`` (its next read starts from the beginning).
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        with self._available(), self.engine.begin() as conn:
+            conn.execute(checkpoints.delete().where(checkpoints.c.detector == detector))
+
     def checkpoint_rows(self) -> dict[str, dict[str, Any]]:
         """Every detector's committed cursor, last commit and last change, by detector.
 
