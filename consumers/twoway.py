@@ -4,7 +4,7 @@
 sync on that side (:func:`consumers.flow.side_fields`), with values normalised so
 the same content compares equal however a system hands it back: numbers (int,
 float, Decimal, decimal text) by their shortest decimal form, timestamps in UTC
-(naive ones taken as UTC), booleans as 0/1. ``pairs.a_hash`` / ``b_hash`` hold each
+(naive ones taken as UTC), booleans as 0/1, empty text as null. ``pairs.a_hash`` / ``b_hash`` hold each
 side's hash as of the last sync.
 
 **Echo rule.** A change whose content equals what the pair row says that side holds
@@ -61,6 +61,8 @@ def normalize(value: Any) -> Any:
     if isinstance(value, int | float):
         return _decimal_text(Decimal(repr(value)) if isinstance(value, float) else Decimal(value))
     if isinstance(value, str):
+        if not value:
+            return None  # Business Central has no null text, Dataverse no empty text
         if _NUMBER.match(value):
             return _decimal_text(Decimal(value))
         if _TIMESTAMP.match(value):
