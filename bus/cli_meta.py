@@ -34,6 +34,8 @@ EXIT_CONFIG = 2
 
 Echo = Callable[[str], None]
 
+LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error (to stderr).")]
+
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")
 ]
@@ -114,6 +116,7 @@ def import_command(
         "--dry-run", help="Validate and print the diff; write nothing.")] = False,
     offline: Annotated[bool, typer.Option(
         "--offline", help="Skip the checks against the live systems.")] = False,
+    log_level: LogLevel = "warning",
 ) -> None:
     """Validate FILE fully, then write it (in canonical form) as the config.
 
@@ -129,6 +132,7 @@ def import_command(
 
       syncbus config import exported.yaml -c sync.yaml --replace --offline
     """
+    configure_logging(log_level, "auto")
     try:
         done = import_config(file, config, replace=replace, dry_run=dry_run,
                              live=None if offline else _live_check)
@@ -166,7 +170,7 @@ def pull_command(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report only; change nothing.")
                        ] = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+    log_level: LogLevel = "warning",
 ) -> None:
     """Create tables and columns in a SQL connection from a source's metadata.
 
@@ -234,6 +238,7 @@ def diff_command(
         "--accept", help="Record the current field types as the baseline (after a type "
         "change was dealt with).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: link → lines.")] = False,
+    log_level: LogLevel = "warning",
 ) -> None:
     """Compare every link with the live metadata: what no longer exists or changed type.
 
@@ -250,6 +255,7 @@ def diff_command(
 
       syncbus schema diff -c sync.yaml --accept
     """
+    configure_logging(log_level, "auto")
     loaded = _load(config)
     unknown = [n for n in link or () if n not in loaded.config.links]
     if unknown:

@@ -41,6 +41,12 @@ LINKS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _logging_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands point structlog at the stderr of the moment, which CliRunner closes."""
+    monkeypatch.setattr("bus.cli_meta.configure_logging", lambda *_args: None)
+
+
 @pytest.fixture
 def env(tmp_path: Path, pg_url: str, amqp_url: str) -> tuple[Path, sa.Engine, sa.Engine]:
     src, dst_url = sa.create_engine(pg_url), f"sqlite:///{tmp_path}/dst.db"

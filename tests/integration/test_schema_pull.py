@@ -31,6 +31,12 @@ pytestmark = pytest.mark.integration
 NO_LIMITS = Limits(requests=None, concurrent=None, execution=None)
 
 
+@pytest.fixture(autouse=True)
+def _logging_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands point structlog at the stderr of the moment, which CliRunner closes."""
+    monkeypatch.setattr("bus.cli_meta.configure_logging", lambda *_args: None)
+
+
 def _write(tmp_path: Path, connections: dict[str, Any], **extra: Any) -> Path:
     path = tmp_path / "sync.yaml"
     config = {"state": {"url": f"sqlite:///{tmp_path}/state.db"}, "connections": connections,

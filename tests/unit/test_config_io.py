@@ -60,6 +60,12 @@ links:
 """
 
 
+@pytest.fixture(autouse=True)
+def _logging_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands point structlog at the stderr of the moment, which CliRunner closes."""
+    monkeypatch.setattr("bus.cli_meta.configure_logging", lambda *_args: None)
+
+
 def _meaning(config: SyncConfig) -> dict[str, Any]:
     """The config as data, field shorthands expanded (`x` and `{from: x}` mean the same)."""
     data = config.model_dump()
