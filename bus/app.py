@@ -70,10 +70,16 @@ def _check_live(loaded: LoadedConfig, worker: Worker, echo: Echo, *,
                 tracking: bool = False) -> bool:
     """Validate against the live systems; with ``tracking`` (run), tolerate outages."""
     unreachable: list[str] | None = [] if tracking else None
-    problems = validate_config(loaded, worker.describe, unreachable=unreachable)
+    refused: dict[str, list[str]] | None = {} if tracking else None
+    problems = validate_config(loaded, worker.describe, unreachable=unreachable, by_link=refused)
     for conn in unreachable or ():
         echo(f"warning: connection {conn!r} is unreachable; its links start anyway, "
              "their changes wait in retry until it is back")
+    for name, lines in (refused or {}).items():
+        echo(f"warning: link {name!r} does not match the live schema and will not run "
+             "(the other links do); fix the config or the systems, see `syncbus schema diff`:")
+        for line in lines:
+            echo(f"  {line}")
     if tracking and not problems:
         problems = _untracked_sources(loaded, worker)
     if problems:

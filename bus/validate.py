@@ -52,7 +52,8 @@ def check_urls(loaded: LoadedConfig) -> list[str]:
 
 
 def validate_config(loaded: LoadedConfig, describe: Describe, *,
-                    unreachable: list[str] | None = None) -> list[str]:
+                    unreachable: list[str] | None = None,
+                    by_link: dict[str, list[str]] | None = None) -> list[str]:
     """Check the config against the live systems.
 
     Each connection is described at most once. A connection that cannot be described
@@ -70,6 +71,10 @@ def validate_config(loaded: LoadedConfig, describe: Describe, *,
 
     Returns:
         Located problems, in file order; empty when the config is valid.
+
+    With ``by_link`` given, problems of one link (its entities, fields, keys) go there,
+    by link name, instead of into the result: a worker refuses those links and runs
+    the others (schema drift).
     """
     found = _url_problems(loaded.config)
     bad_urls = {str(loc[1]) for loc, _ in found if loc[0] == "connections"}
@@ -78,6 +83,10 @@ def validate_config(loaded: LoadedConfig, describe: Describe, *,
         checker.check(name, link)
     found += checker.found
     found.sort(key=lambda item: loaded.line_of(item[0]) or 0)
+    if by_link is not None:
+        for loc, msg in [f for f in found if f[0][0] == "links" and len(f[0]) > 1]:
+            by_link.setdefault(str(loc[1]), []).append(loaded.problem(loc, msg))
+        found = [f for f in found if not (f[0][0] == "links" and len(f[0]) > 1)]
     return [loaded.problem(loc, msg) for loc, msg in found]
 
 

@@ -133,6 +133,13 @@ def test_a_removed_field_is_reported_and_only_its_link_is_refused(env):
     assert _rows(dst, "SELECT client_id, name FROM clients") == [(1, "Anna")]
     assert not summary.ok
 
+    # And `syncbus run --until-idle` says so and runs the other link (exit 1, not 2)
+    _execute(src, "INSERT INTO products VALUES (3, 'Cocoa', 3.10)")
+    code, lines = _run(path)
+    assert code == app.EXIT_FAILED, lines
+    assert any("link 'customers' does not match the live schema" in line for line in lines)
+    assert _rows(dst, "SELECT id FROM products ORDER BY id") == [(1,), (2,), (3,)]
+
 
 def test_a_changed_type_refuses_the_link_until_accepted(env):
     path, src, dst = env
