@@ -57,7 +57,7 @@ def normalize(value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, bool):
-        return int(value)
+        return "1" if value else "0"
     if isinstance(value, int | float):
         return _decimal_text(Decimal(repr(value)) if isinstance(value, float) else Decimal(value))
     if isinstance(value, str):
