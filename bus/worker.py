@@ -289,7 +289,9 @@ class Worker:
                     continue
                 summary.detected[detector.name] = result
                 say(f"{detector.name}: published {result.upserts} upserts, "
-                    f"{result.deletes} deletes")
+                    f"{result.deletes} deletes"
+                    + (f" ({result.echoes} echoes of our own writes left out)"
+                       if result.echoes else ""))
             summary.timed_out = not self._wait_idle(started + max_wait)
         finally:
             stop.set()
