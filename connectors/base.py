@@ -139,6 +139,8 @@ class FieldInfo:
     key: bool = False
     #: Entity this field refers to (a lookup / foreign key), if any.
     references: str | None = None
+    #: The system fills the field itself when a write leaves it out (a column default).
+    has_default: bool = False
 
 
 @dataclass(frozen=True, slots=True)

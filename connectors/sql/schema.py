@@ -100,6 +100,8 @@ class TableInfo:
                 nullable=bool(self.table.c[name].nullable) and name not in self.key,
                 key=name in self.key,
                 references=self.references.get(name),
+                has_default=(self.table.c[name].server_default is not None
+                             or self.table.c[name].autoincrement is True),
             )
             for name in self.columns
         )

@@ -157,11 +157,14 @@ def test_random_edits_on_both_sides_converge_and_go_quiet(sides):
         assert _a_accounts(a) == _b_accounts(b)
         assert len(_a_accounts(a)) == 70
         edits = 0
-        for _round in range(5):
+        for _round in range(5):  # 1,000 edits in all, spread over both sides
             codes = sorted(_a_accounts(a))
-            edited = rng.sample(codes, 25)
-            for code in edited:  # disjoint edits: a record changes on one side only
-                if rng.random() < 0.5:
+            side = {code: rng.choice("ab") for code in codes}  # within a round, one side each
+            edited = set()
+            for _ in range(200):
+                code = rng.choice(codes)
+                edited.add(code)
+                if side[code] == "a":
                     _exec(a, "UPDATE accounts SET name = :n, credit = :c WHERE code = :k",
                           {"n": f"a-edit {edits}", "c": rng.randint(0, 999), "k": code})
                 else:
@@ -180,6 +183,7 @@ def test_random_edits_on_both_sides_converge_and_go_quiet(sides):
             quiet = _settle(worker)
             assert _published(quiet) == 0
             assert _a_accounts(a) == _b_accounts(b)
+        assert edits == 1000
         state = StateStore(worker.config.state.url)
         assert state.conflict_rows() == []  # the edits never overlapped
     finally:
