@@ -52,7 +52,7 @@ from producers.state import AppliedGuard, StateStore
 from schemas.config import LinkConfig
 from schemas.event import canonical_key
 
-__all__ = ["ApplyReport", "ApplyStats", "LinkApplier", "MASTER_HEADER", "WINNER_HEADER"]
+__all__ = ["ApplyReport", "ApplyStats", "LinkApplier", "MASTER_HEADER", "Planned", "WINNER_HEADER"]
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +119,11 @@ class _Item:
     lookups: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: A winner forced by an operator (conflict resolution) or by Sync All.
     winner: str | None = None
+
+
+#: A record as :meth:`LinkApplier.plan` leaves it: ``op`` (after filters and soft-delete
+#: markers), target ``key``, mapped ``values`` (lookups translated), source ``record``.
+Planned = _Item
 
 
 class LinkApplier:
@@ -211,6 +216,32 @@ class LinkApplier:
         except TransientError as exc:
             return [self._fail(d, exc) for d in batch]
         decisions: list[Decision | None] = [None] * len(batch)
+        items = self._plan(batch, decisions)
+        if items:
+            self._apply(items, decisions)
+        return [d if d is not None else Decision.ack() for d in decisions]
+
+    def plan(self, batch: Sequence[Delivery]) -> tuple[list[Planned], list[Decision | None]]:
+        """Steps 1-3 of a batch (filter, map, lookups, coalesce), writing nothing.
+
+        Read-only: what ``syncbus preview`` (:mod:`bus.preview`) classifies. The id map
+        is read, never written; :attr:`stats` counts as for a real batch.
+
+        Returns:
+            The records that would go on to the ordering guard and the write, and per
+            delivery the decision already taken (None for the planned ones).
+
+        Raises:
+            TransientError: the target cannot be described, or the state store is down.
+        """
+        self.mapper  # noqa: B018 - resolve it before mapping anything
+        if self.sides is not None:
+            self.sides.fields("a")
+        decisions: list[Decision | None] = [None] * len(batch)
+        return self._plan(batch, decisions, strict=True), decisions
+
+    def _plan(self, batch: Sequence[Delivery], decisions: list[Decision | None], *,
+              strict: bool = False) -> list[_Item]:
         prepared: list[_Item] = []
         for index, delivery in enumerate(batch):
             try:
@@ -225,6 +256,8 @@ class LinkApplier:
         try:
             prepared = self._resolve(prepared, decisions)
         except TransientError as exc:
+            if strict:
+                raise
             for item in prepared:
                 decisions[item.index] = self._fail(item.delivery, exc)
             prepared = []
@@ -239,9 +272,7 @@ class LinkApplier:
                 decisions[older.index] = Decision.ack()
                 self.stats.superseded += 1
             items[item.record_key] = item
-        if items:
-            self._apply(list(items.values()), decisions)
-        return [d if d is not None else Decision.ack() for d in decisions]
+        return list(items.values())
 
     # -- steps ------------------------------------------------------------------------
 
