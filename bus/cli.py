@@ -16,6 +16,7 @@ from bus.cli_emulate import emulate
 from bus.cli_events import register as register_event_commands
 from bus.cli_meta import register as register_meta_commands
 from bus.cli_ops import register as register_ops_commands
+from bus.cli_preview import register as register_preview_command
 from bus.cli_sync import register as register_sync_commands
 from bus.cli_tx import tx
 
@@ -146,6 +147,7 @@ cli.add_typer(tx, name="tx")
 register_ops_commands(cli)
 register_sync_commands(cli)
 register_meta_commands(cli)
+register_preview_command(cli)
 
 
 def main() -> None:
