@@ -75,7 +75,8 @@ def sync_all_command(
 
         def progress(p: SyncProgress) -> None:
             if p.direction not in tasks:
-                tasks[p.direction] = bar.add_task(p.direction, total=p.total, rate="")
+                label = f"{p.direction} ({'resumed' if p.resumed else 'reading'})"
+                tasks[p.direction] = bar.add_task(label, total=p.total, rate="")
             bar.update(tasks[p.direction], completed=p.published, total=p.total,
                        rate=f"{p.rate:,.0f} rec/s")
 

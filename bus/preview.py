@@ -284,10 +284,10 @@ class _Previewer:
         if self._echo(item, pair):
             return PreviewRecord("unchanged", item.key, source_key, self._fields(item, cur),
                                  note="echo: the source holds what the link last synced")
-        if item.op == "delete" and self._soft is None:
-            if cur is None:
-                return PreviewRecord("unchanged", item.key, source_key,
-                                     note="deletion: the target has no such record")
+        if item.op == "delete" and cur is None:
+            return PreviewRecord("unchanged", item.key, source_key,
+                                 note="deletion: the target has no such record")
+        if item.op == "delete" and self._soft is None and cur is not None:
             fields = [FieldDiff(n, json_value(v), None, True)
                       for n, v in self._shown(cur.values).items()]
             record = PreviewRecord("delete", item.key, source_key, fields)

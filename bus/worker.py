@@ -577,9 +577,10 @@ class Worker:
         out = []
         for consumer, applier in self.consumers:
             st, ap = consumer.stats, applier.stats
+            name = applier.name if applier.flow.direction == "a2b" else applier.flow.name
             out.append(LinkSummary(
-                link=applier.name, upserted=ap.upserted, deleted=ap.deleted,
-                skipped=ap.stale + ap.superseded + ap.ignored, retried=st.retried, dead=st.dead,
+                link=name, upserted=ap.upserted, deleted=ap.deleted,
+                skipped=ap.skipped, retried=st.retried, dead=st.dead,
                 pending=self._count(*_names(consumer.queues)),
             ))
         return out

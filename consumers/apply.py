@@ -419,6 +419,7 @@ class LinkApplier:
                         fresh.append(item)
                 if self.sides is not None:
                     fresh = self._settle(fresh, guard, decisions)
+                fresh = self._soft_deletable(fresh, decisions)
                 outcomes = self._write(fresh)
                 created: list[_Item] = []
                 for item, outcome in zip(fresh, outcomes, strict=True):
@@ -447,6 +448,21 @@ class LinkApplier:
             return
         self._log.info("batch_applied", count=len(items),
                        ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def _soft_deletable(self, items: list[_Item], decisions: list[Decision | None]) -> list[_Item]:
+        """Leave out soft deletes of records the target does not have (nothing to mark)."""
+        if self.flow.deletes != "soft":
+            return items
+        unknown = [i for i in items if i.op == "delete" and "current" not in i.extra]
+        if not unknown:
+            return items
+        found = self._fetch(unknown)
+        absent = {i.index for i, rec in zip(unknown, found, strict=True) if rec is None}
+        for item in unknown:
+            if item.index in absent:
+                self.stats.ignored += 1
+                decisions[item.index] = Decision.ack()
+        return [i for i in items if i.index not in absent]
 
     def _is_stale(self, item: _Item, guard: AppliedGuard) -> bool:
         """The ordering rule: this version, or a newer one, was applied or seen already.
