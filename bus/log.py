@@ -27,6 +27,20 @@ def _redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Muta
     return event
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (not when logging was set up).
+
+    A command run inside another program (a test runner's captured CLI, an embedding
+    application) may swap stderr and close it afterwards; lines then follow the swap.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog (and stdlib logging of libraries) once per process.
 
@@ -50,10 +64,10 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=_Stderr(),
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("pika", "amqp", "kombu"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
