@@ -186,11 +186,13 @@ def login(path: Path, connection: str, *, echo: Echo = print) -> int:
     return EXIT_OK
 
 
-def demo(directory: Path, *, rows: int, amqp_url: str, echo: Echo = print) -> int:
-    """The SQLite → SQLite demo (see ``bus.demo``)."""
+def demo(directory: Path, *, amqp_url: str, accounts: int = 100, customers: int = 100,
+         keep_running: bool = False, live: bool | None = None, echo: Echo = print) -> int:
+    """Dynamics ↔ SQL hub ↔ Business Central on emulators, scripted (see ``bus.demo``)."""
     from bus.demo import run_demo
 
-    return run_demo(directory, rows=rows, amqp_url=amqp_url, echo=echo)
+    return run_demo(directory, amqp_url=amqp_url, accounts=accounts, customers=customers,
+                    keep_running=keep_running, live=live, echo=echo)
 
 
 def _signal_stop() -> threading.Event:

@@ -33,7 +33,7 @@ cli = typer.Typer(
         "  syncbus run --config sync.yaml --until-idle   # one 'Sync All' pass (cron)\n\n"
         "  syncbus tx list --config sync.yaml      # the offline-transaction log\n\n"
         "  syncbus tail 'crm.customers.*'          # watch change events live\n\n"
-        "  syncbus demo                            # a SQLite → SQLite sync on built-in data"
+        "  syncbus demo                            # Dynamics ↔ SQL ↔ Business Central on emulators"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -122,23 +122,39 @@ def login(
 @cli.command()
 def demo(
     directory: Annotated[Path, typer.Option(
-        "--dir", help="Where the demo databases, state and config are written.")
+        "--dir", help="Where the hub, the state store, certificates and sync.yaml are written.")
     ] = Path(".syncbus/demo"),
-    rows: Annotated[int, typer.Option(help="Customers to create in the source.")] = 500,
+    accounts: Annotated[int, typer.Option(
+        min=10, max=5000, help="Dynamics accounts to seed (each with 1-3 contacts).")] = 100,
+    customers: Annotated[int, typer.Option(
+        min=10, max=5000, help="Business Central customers to seed.")] = 100,
+    keep_running: Annotated[bool, typer.Option(
+        "--keep-running", help="After the script, keep everything up and syncing until Ctrl-C.")
+    ] = False,
     amqp_url: Annotated[str, typer.Option(
         envvar="SYNCBUS_AMQP_URL", help="RabbitMQ to use.")] = "amqp://guest:guest@127.0.0.1:5672/",
-    log_level: LogLevel = "warning",
+    log_level: LogLevel = "error",
 ) -> None:
-    """A SQLite → SQLite sync on built-in data, step by step.
+    """Dynamics 365 ↔ SQL hub ↔ Business Central, two-way, on emulators, step by step.
 
-    Creates a 'crm' database with customers and an 'erp' database with clients,
-    prepares change tracking, syncs, then inserts, updates and deletes rows and syncs
-    again, checking each time that the target matches. Needs a RabbitMQ.
+    Starts the Dataverse and Business Central emulators and a SQLite hub on this
+    machine, seeds them, writes DIR/sync.yaml and runs the bus with a live view of
+    every link. Then: edits on each side, a conflicting edit, a record the hub refuses
+    (shown in the offline-transaction log, fixed, replayed); one line per step, each
+    checked on all three systems (exit code 1 names the step that failed). Needs a
+    RabbitMQ; without one it says how to start one.
 
-    Example: syncbus demo --rows 1000
+    Examples:
+
+      syncbus demo
+
+      syncbus demo --keep-running        # then explore: syncbus status -c .syncbus/demo/sync.yaml
+
+      syncbus demo --accounts 500 --dir /tmp/demo
     """
     app.setup_logging(log_level, "auto")
-    raise typer.Exit(app.demo(directory, rows=rows, amqp_url=amqp_url, echo=typer.echo))
+    raise typer.Exit(app.demo(directory, amqp_url=amqp_url, accounts=accounts,
+                              customers=customers, keep_running=keep_running, echo=typer.echo))
 
 
 cli.add_typer(emulate, name="emulate")

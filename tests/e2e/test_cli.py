@@ -123,13 +123,3 @@ def test_login_signs_an_operator_in_to_a_dataverse_connection(tmp_path):
         thread.join(30)
     assert result == [app.EXIT_OK], lines
     assert "signed in" in lines[-1]
-
-
-def test_the_readme_demo_syncs_and_checks_the_target(tmp_path, amqp_url):
-    from bus import app
-
-    lines: list[str] = []
-    assert app.demo(tmp_path / "demo", rows=200, amqp_url=amqp_url, echo=lines.append) == 0, lines
-    assert "   target matches the source: 200 clients" in lines
-    assert any("target matches the source: 216 clients" in line for line in lines), lines
-    assert (tmp_path / "demo" / "syncbus.yaml").exists()

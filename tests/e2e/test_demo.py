@@ -1,0 +1,180 @@
+"""``syncbus demo`` as a user runs it: every step, the state it leaves, --keep-running, no broker.
+
+The demo runs in a subprocess (stdout a pipe, as in CI: no live view) against this
+test's own vhost; the state it leaves is read afterwards from its directory: the hub,
+the emulators' store files, the state store and the offline-transaction log.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.config import load_config
+from bus.demo import LONG_NAME
+from bus.txlog import TxLog
+from connectors.business_central.emulator import BusinessCentralEmulator
+from connectors.dataverse.emulator.model import DEFAULT_ENTITIES
+from connectors.dataverse.emulator.store import Store
+from connectors.registry import open_connector
+from producers.state import StateStore
+from tests.support import wait_for
+from tests.syncenv import ROOT, syncbus
+
+pytestmark = pytest.mark.integration
+
+#: Seconds the whole demo may take here (it takes about 20).
+DEMO_TIMEOUT = 180
+
+
+def _norm(*values: Any) -> tuple[str | None, ...]:
+    return tuple(f"{Decimal(str(v)).normalize():f}" if isinstance(v, (int, float, Decimal))
+                 and not isinstance(v, bool) else (v or None) for v in values)
+
+
+def _hub(demo: Path) -> tuple[dict[str, tuple[Any, ...]], dict[str, tuple[Any, ...]]]:
+    with sqlite3.connect(demo / "hub.db") as db:
+        accounts = {r[0]: _norm(*r[1:]) for r in db.execute(
+            "SELECT number, name, city, phone, credit FROM accounts")}
+        contacts = {r[0]: _norm(*r[1:]) for r in db.execute(
+            "SELECT c.email, c.firstname, c.lastname, a.number FROM contacts c "
+            "LEFT JOIN accounts a ON a.id = c.account_id")}
+    return accounts, contacts
+
+
+def _dataverse(demo: Path) -> tuple[dict[str, tuple[Any, ...]], dict[str, tuple[Any, ...]]]:
+    store = Store(DEFAULT_ENTITIES, path=demo / "dataverse.db")
+    try:
+        rows = store.tables["account"].rows.values()
+        accounts = {r["accountnumber"]: _norm(r["name"], r.get("address1_city"),
+                                              r.get("telephone1"), r.get("creditlimit"))
+                    for r in rows}
+        numbers = {r["accountid"]: r["accountnumber"] for r in rows}
+        contacts = {r["emailaddress1"]: _norm(r.get("firstname"), r.get("lastname"), numbers.get(
+            (r.get("parentcustomerid") or {}).get("id")))
+            for r in store.tables["contact"].rows.values()}
+    finally:
+        store.close()
+    return accounts, contacts
+
+
+def _business_central(demo: Path) -> dict[str, tuple[Any, ...]]:
+    bc = BusinessCentralEmulator(https=False, store=demo / "business-central.db")
+    try:
+        return {r["number"]: _norm(r["displayName"], r["city"], r["phoneNumber"],
+                                   r["creditLimit"]) for r in bc.rows("customers")}
+    finally:
+        bc.store.close()
+
+
+def test_the_demo_plays_every_step_and_leaves_the_three_systems_equal(tmp_path, amqp_url):
+    demo = tmp_path / "demo"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "bus.cli", "demo", "--dir", str(demo), "--amqp-url", amqp_url],
+        cwd=ROOT, text=True, capture_output=True, timeout=DEMO_TIMEOUT)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert time.monotonic() - started < DEMO_TIMEOUT
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [s.split(":")[0] for s in steps] == [f"step {n}/8" for n in range(1, 9)], out
+    assert "┏" not in result.stdout  # no live view when stdout is not a terminal
+    assert "demo_accounts (demo_crm.account → demo_hub.accounts): " in result.stdout
+
+    # The three systems hold the same accounts, the hub and Dataverse the same contacts.
+    hub_accounts, hub_contacts = _hub(demo)
+    dv_accounts, dv_contacts = _dataverse(demo)
+    assert hub_accounts == dv_accounts
+    assert hub_accounts == _business_central(demo)
+    assert len(hub_accounts) == 100 + 100 + 3 - 2 + 1  # seeds, hub inserts, deletes, replay
+    assert hub_contacts == dv_contacts
+    assert len(hub_contacts) > 100
+    assert hub_contacts["jana.kralova@hub-0001.example"][2] == "HUB-0001"
+
+    # The rejected record arrived after the hub's column was widened and it was replayed.
+    assert hub_accounts["ACC-900001"][0] == LONG_NAME
+    assert len(LONG_NAME) > 50
+    config = load_config(demo / "sync.yaml").config
+    log = TxLog(config)
+    try:
+        assert log.select("error") == []
+        assert log.select("archived") == []
+    finally:
+        log.close()
+
+    # The conflict: Dynamics' edit won everywhere and the log keeps the hub's version.
+    assert hub_accounts["ACC-000007"][0].endswith("(Dynamics edit)")
+    state = StateStore(config.state.url)
+    try:
+        rows = state.conflict_rows(link="demo_accounts")
+    finally:
+        state.close()
+    # Each direction may meet the conflict (whichever change is applied first): one or two rows.
+    assert rows and {(r["policy"], r["winner"]) for r in rows} == {("source_wins", "a")}
+    assert any("(hub edit)" in json.dumps(r["b_values"]) for r in rows)
+
+
+def test_keep_running_leaves_the_bus_up_for_the_cli_until_ctrl_c(tmp_path, amqp_url):
+    demo = tmp_path / "demo"
+    proc = syncbus("demo", "--dir", str(demo), "--amqp-url", amqp_url, "--keep-running")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("until Ctrl-C" in line for line in lines), timeout=DEMO_TIMEOUT,
+                 interval=0.5, message=lambda: "the demo to keep running:\n" + "".join(lines))
+        config_path = demo / "sync.yaml"
+        assert any(f"syncbus status -c {config_path}" in line for line in lines)
+        status = subprocess.run([sys.executable, "-m", "bus.cli", "status", "-c",
+                                 str(config_path)], cwd=ROOT, text=True, capture_output=True,
+                                timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        conflicts = subprocess.run([sys.executable, "-m", "bus.cli", "tx", "conflicts", "-c",
+                                    str(config_path), "--all", "--json"], cwd=ROOT, text=True,
+                                   capture_output=True, timeout=60)
+        assert {r["winner"] for r in json.loads(conflicts.stdout)} == {"a"}, conflicts.stderr
+
+        # A change made in the hub now reaches Dynamics through the running worker.
+        with sqlite3.connect(demo / "hub.db") as db:
+            db.execute("UPDATE accounts SET city = 'Graz' WHERE number = 'ACC-000001'")
+        config = load_config(config_path).config
+        crm = open_connector("demo_crm", config.connections["demo_crm"])
+        try:
+            wait_for(lambda: (crm.fetch("account", [{"accountnumber": "ACC-000001"}])[0]
+                              .values["address1_city"] == "Graz"),
+                     timeout=30, interval=0.5, message="the hub's edit to reach Dynamics")
+        finally:
+            crm.close()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    assert code == 0, "".join(lines)
+    assert any(line.startswith("stopping") for line in lines[-3:]), "".join(lines)
+
+
+def test_without_rabbitmq_the_demo_says_how_to_get_one(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bus.cli", "demo", "--dir", str(tmp_path / "demo"),
+         "--amqp-url", "amqp://guest:s3cret-pw@127.0.0.1:1/"],
+        cwd=ROOT, text=True, capture_output=True, timeout=60)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
+    assert "s3cret-pw" not in out
+    assert "docker compose -f docker/compose.yml up -d rabbitmq" in out
+    assert "rabbitmq-server" in out
+    assert not (tmp_path / "demo").exists()  # nothing was started
