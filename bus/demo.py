@@ -57,6 +57,8 @@ WIDE_NAME = 100
 #: The account the hub refuses at first.
 LONG_NAME = ("Consolidated Messenger Logistics and Warehousing Services Central Europe "
              "GmbH")
+#: Short names of the demo's connections in the live table and the totals.
+LABELS = {"demo_crm": "dynamics", "demo_hub": "hub", "demo_erp": "bc"}
 #: Accounts added in the hub: number, name, city, phone, and a contact's first and last name.
 _HUB_ACCOUNTS = (
     ("HUB-0001", "Tatra Mountain Outfitters", "Poprad", "+421 52 772 1100", "Jana", "Kralova"),
@@ -136,7 +138,7 @@ def run_demo(directory: Path, *, amqp_url: str, accounts: int = 100, customers: 
     live = sys.stdout.isatty() if live is None else live
     world = DemoWorld(directory, amqp_url=amqp_url, accounts=accounts, customers=customers)
     worker: Worker | None = None
-    with DemoView(echo, live=live) as view:
+    with DemoView(echo, live=live, labels=LABELS) as view:
         try:
             world.start()
             worker = _open_worker(world, view)

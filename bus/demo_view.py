@@ -33,11 +33,14 @@ class DemoView:
     Args:
         echo: Prints one plain line (used when ``live`` is false).
         live: Show the live table (only on a terminal).
+        labels: Short names of connections in the table ("dynamics" for "demo_crm").
     """
 
-    def __init__(self, echo: Callable[[str], None], *, live: bool) -> None:
+    def __init__(self, echo: Callable[[str], None], *, live: bool,
+                 labels: dict[str, str] | None = None) -> None:
         self.echo = echo
         self.live = live
+        self.labels = labels or {}
         self.status = ""
         self._worker: Worker | None = None
         self._published: dict[str, int] = {}
@@ -88,12 +91,26 @@ class DemoView:
     def _rows(self) -> list[tuple[str, str, tuple[int, ...]]]:
         if self._worker is None:
             return []
-        return [_row(consumer, applier) for consumer, applier in self._worker.consumers]
+        return [self._row(consumer, applier) for consumer, applier in self._worker.consumers]
 
     def _detected(self) -> str:
-        parts = [f"{name} {n}" for name, n in sorted(self._published.items())]
+        parts = [f"{self._name(name)} {n}" for name, n in sorted(self._published.items())]
         return (f"published by the detectors: {', '.join(parts)}; {self._echoes} echoes of "
                 "syncbus's own writes left out")
+
+    def _name(self, detector: str) -> str:
+        """``connection.entity`` with the connection's short label."""
+        connection, _, entity = detector.partition(".")
+        return f"{self.labels.get(connection, connection)}.{entity}"
+
+    def _row(self, consumer: BatchConsumer, applier: LinkApplier,
+             ) -> tuple[str, str, tuple[int, ...]]:
+        flow, st, ap = applier.flow, consumer.stats, applier.stats
+        label = applier.name if flow.direction == "a2b" else flow.name
+        route = (f"{self._name(f'{flow.source.connection}.{flow.source.entity}')} → "
+                 f"{self._name(f'{flow.target.connection}.{flow.target.entity}')}")
+        return label, route, (ap.upserted, ap.deleted, ap.skipped, ap.conflicts, st.retried,
+                              st.dead)
 
     def _render(self) -> RenderableType:
         table = Table(title="syncbus demo: events per link direction", title_justify="left",
@@ -112,10 +129,3 @@ class DemoView:
             parts.append(Text(self.status, style="bold"))
         return Group(*parts)
 
-
-def _row(consumer: BatchConsumer, applier: LinkApplier) -> tuple[str, str, tuple[int, ...]]:
-    flow, st, ap = applier.flow, consumer.stats, applier.stats
-    label = applier.name if flow.direction == "a2b" else flow.name
-    route = (f"{flow.source.connection}.{flow.source.entity} → "
-             f"{flow.target.connection}.{flow.target.entity}")
-    return label, route, (ap.upserted, ap.deleted, ap.skipped, ap.conflicts, st.retried, st.dead)

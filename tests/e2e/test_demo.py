@@ -8,6 +8,8 @@ the emulators' store files, the state store and the offline-transaction log.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import signal
 import sqlite3
 import subprocess
@@ -29,7 +31,7 @@ from connectors.dataverse.emulator.store import Store
 from connectors.registry import open_connector
 from producers.state import StateStore
 from tests.support import wait_for
-from tests.syncenv import ROOT, syncbus
+from tests.syncenv import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +91,7 @@ def test_the_demo_plays_every_step_and_leaves_the_three_systems_equal(tmp_path, 
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [s.split(":")[0] for s in steps] == [f"step {n}/8" for n in range(1, 9)], out
     assert "┏" not in result.stdout  # no live view when stdout is not a terminal
-    assert "demo_accounts (demo_crm.account → demo_hub.accounts): " in result.stdout
+    assert "demo_accounts (dynamics.account → hub.accounts): " in result.stdout
 
     # The three systems hold the same accounts, the hub and Dataverse the same contacts.
     hub_accounts, hub_contacts = _hub(demo)
@@ -124,18 +126,54 @@ def test_the_demo_plays_every_step_and_leaves_the_three_systems_equal(tmp_path, 
     assert any("(hub edit)" in json.dumps(r["b_values"]) for r in rows)
 
 
-def test_keep_running_leaves_the_bus_up_for_the_cli_until_ctrl_c(tmp_path, amqp_url):
+class _Terminal:
+    """A command run on a pseudo-terminal (so it sees a terminal), its output collected."""
+
+    def __init__(self, *args: str) -> None:
+        master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bus.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+            stdout=slave, stderr=slave, start_new_session=True,
+            env={**os.environ, "COLUMNS": "160", "LINES": "60", "TERM": "xterm"})
+        os.close(slave)
+        self._master, self._chunks = master, []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._master, 65536)
+            except OSError:  # EIO: the command closed the terminal
+                return
+            if not data:
+                return
+            self._chunks.append(data)
+
+    @property
+    def output(self) -> str:
+        return b"".join(self._chunks).decode("utf-8", "replace")
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        code = self.proc.wait(60)
+        self._reader.join(10)
+        os.close(self._master)
+        return code
+
+
+def test_keep_running_shows_the_live_view_and_leaves_the_bus_up_until_ctrl_c(tmp_path, amqp_url):
     demo = tmp_path / "demo"
-    proc = syncbus("demo", "--dir", str(demo), "--amqp-url", amqp_url, "--keep-running")
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
-                              daemon=True)
-    reader.start()
+    config_path = demo / "sync.yaml"
+    term = _Terminal("demo", "--dir", str(demo), "--amqp-url", amqp_url, "--keep-running")
     try:
-        wait_for(lambda: any("until Ctrl-C" in line for line in lines), timeout=DEMO_TIMEOUT,
-                 interval=0.5, message=lambda: "the demo to keep running:\n" + "".join(lines))
-        config_path = demo / "sync.yaml"
-        assert any(f"syncbus status -c {config_path}" in line for line in lines)
+        wait_for(lambda: "until Ctrl-C" in term.output, timeout=DEMO_TIMEOUT, interval=0.5,
+                 message=lambda: f"the demo to keep running:\n{term.output[-3000:]}")
+        out = term.output
+        assert "events per link direction" in out and "┏" in out  # the live table
+        assert "step 8/8: " in out
+        assert f"syncbus status -c {config_path}" in out
         status = subprocess.run([sys.executable, "-m", "bus.cli", "status", "-c",
                                  str(config_path)], cwd=ROOT, text=True, capture_output=True,
                                 timeout=60)
@@ -156,14 +194,12 @@ def test_keep_running_leaves_the_bus_up_for_the_cli_until_ctrl_c(tmp_path, amqp_
                      timeout=30, interval=0.5, message="the hub's edit to reach Dynamics")
         finally:
             crm.close()
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        code = proc.wait(timeout=60)
+        term.proc.send_signal(signal.SIGINT)  # Ctrl-C
+        term.proc.wait(60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(10)
-    assert code == 0, "".join(lines)
-    assert any(line.startswith("stopping") for line in lines[-3:]), "".join(lines)
+        code = term.close()
+    assert code == 0, term.output[-3000:]
+    assert "stopping: the worker finishes its batches" in term.output
 
 
 def test_without_rabbitmq_the_demo_says_how_to_get_one(tmp_path):
