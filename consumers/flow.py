@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from connectors.base import ConfigError
 from schemas.config import DeletePolicy, Endpoint, FieldSpec, FilterAction, LinkConfig, SoftDelete
 from schemas.filter_expr import Filter, compile_filter
 
-__all__ = ["Flow", "flows", "record_fields", "side_fields"]
+__all__ = ["Flow", "flows", "side_fields"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,3 @@ def side_fields(link_flows: list[Flow]) -> dict[str, frozenset[str]] | None:
                 dst.add(target)
     return {side: frozenset(names) for side, names in sides.items()}
 
-
-def record_fields(record: Mapping[str, Any], names: frozenset[str]) -> dict[str, Any]:
-    """The part of ``record`` a side's content hash covers (absent fields as null)."""
-    return {n: record.get(n) for n in names}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -239,5 +239,3 @@ def single_id(key: Mapping[str, Any] | None) -> str | None:
         return None if value is None else str(value)
     return canonical_key(dict(key))
 
-
-Resolver = Callable[[str, str, Sequence[str]], dict[str, str]]

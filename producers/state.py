@@ -84,7 +84,7 @@ pairs = sa.Table(
     # The connector key of each side (for lookups through the id map), when known.
     sa.Column("a_id", sa.Text, nullable=True),
     sa.Column("b_id", sa.Text, nullable=True),
-    # Content hash, version and modification time of each side when last synced.
+    # Content hash and version of each side when last synced (echo and conflict rules).
     sa.Column("a_hash", sa.String(64), nullable=True),
     sa.Column("b_hash", sa.String(64), nullable=True),
     sa.Column("a_version", sa.String(100), nullable=True),
