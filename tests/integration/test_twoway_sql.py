@@ -198,9 +198,12 @@ def test_echo_of_our_own_write_is_never_published(sides):
     try:
         first = _sync(worker)
         assert first.detected["a.accounts"].upserts == 1
-        second = _sync(worker)  # b's detector sees our write: an echo, not an event
-        assert second.detected["b.accounts"].upserts == 0
-        assert second.detected["b.accounts"].echoes == 1
+        second = _sync(worker)
+        # b's detector sees our write (in the first run if the write beat its poll, else in
+        # the second): an echo, never an event.
+        runs = (first.detected["b.accounts"], second.detected["b.accounts"])
+        assert sum(r.upserts for r in runs) == 0
+        assert sum(r.echoes for r in runs) == 1
         assert _a_accounts(a) == _b_accounts(b) == {"K1": ("one", "active", "1.50")}
     finally:
         worker.close()
