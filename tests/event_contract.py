@@ -136,9 +136,22 @@ def pytest_configure(config: pytest.Config) -> None:
     Publisher.publish_batch = publish_batch  # type: ignore[method-assign]
 
 
+#: Events checked by pytest-xdist workers, summed on the controller.
+_from_workers = 0
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """(xdist controller) add up what a worker checked."""
+    global _from_workers
+    _from_workers += int(getattr(node, "workeroutput", {}).get("event_contract_checked", 0))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Put the publisher back."""
+    """Put the publisher back (an xdist worker also reports its count)."""
     global contract, _original
+    if contract is not None and hasattr(config, "workeroutput"):
+        config.workeroutput["event_contract_checked"] = contract.checked
     if _original is not None:
         Publisher.publish_batch = _original  # type: ignore[method-assign]
     contract, _original = None, None
@@ -146,9 +159,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Say how many events were checked."""
-    if contract is not None and contract.checked:
+    checked = (contract.checked if contract is not None else 0) + _from_workers
+    if checked:
         terminalreporter.write_line(
-            f"event contract: {contract.checked} published change events validated "
+            f"event contract: {checked} published change events validated "
             f"against {SCHEMA_FILE.name}")
 
 
