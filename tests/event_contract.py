@@ -147,11 +147,15 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     _from_workers += int(getattr(node, "workeroutput", {}).get("event_contract_checked", 0))
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """(xdist worker) report how many events this process checked."""
+    if contract is not None and hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["event_contract_checked"] = contract.checked
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Put the publisher back (an xdist worker also reports its count)."""
+    """Put the publisher back."""
     global contract, _original
-    if contract is not None and hasattr(config, "workeroutput"):
-        config.workeroutput["event_contract_checked"] = contract.checked
     if _original is not None:
         Publisher.publish_batch = _original  # type: ignore[method-assign]
     contract, _original = None, None
