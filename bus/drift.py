@@ -30,7 +30,7 @@ import sqlalchemy as sa
 import structlog
 
 from bus.config import Loc, format_loc
-from bus.validate import Describe, _LinkChecker  # the live checks of `syncbus validate`
+from bus.validate import Describe, LinkChecker
 from connectors.base import EntityInfo
 from schemas.config import LinkConfig, SyncConfig
 
@@ -133,7 +133,7 @@ def link_drift(config: SyncConfig, describe: Describe, *,
         'emailaddress1' is not a field of crm.contact``); an empty list when clean.
     """
     names = list(config.links) if links is None else list(links)
-    checker = _LinkChecker(config, describe, set(), unreachable)
+    checker = LinkChecker(config, describe, set(), unreachable)
     report: dict[str, list[str]] = {}
     for name in names:
         start = len(checker.found)

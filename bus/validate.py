@@ -25,7 +25,7 @@ from connectors.base import BusError, ConfigError, EntityInfo, FieldInfo, Transi
 from consumers.flow import Flow, flows
 from schemas.config import Endpoint, LinkConfig, SqlConnection, SyncConfig
 
-__all__ = ["Describe", "SQL_DIALECTS", "check_urls", "link_notes", "validate_config"]
+__all__ = ["Describe", "LinkChecker", "SQL_DIALECTS", "check_urls", "link_notes", "validate_config"]
 
 #: Databases the SQL connector and the state store support.
 SQL_DIALECTS = ("postgresql", "sqlite")
@@ -78,7 +78,7 @@ def validate_config(loaded: LoadedConfig, describe: Describe, *,
     """
     found = _url_problems(loaded.config)
     bad_urls = {str(loc[1]) for loc, _ in found if loc[0] == "connections"}
-    checker = _LinkChecker(loaded.config, describe, bad_urls, unreachable)
+    checker = LinkChecker(loaded.config, describe, bad_urls, unreachable)
     for name, link in loaded.config.links.items():
         checker.check(name, link)
     found += checker.found
@@ -161,8 +161,9 @@ def _sql_problem(url: str) -> str | None:
 # -- links against the live metadata -----------------------------------------------------
 
 
-class _LinkChecker:
-    """Checks links, describing each connection once; collects (loc, message) pairs."""
+class LinkChecker:
+    """The live checks of links (``syncbus validate``, schema drift): describes each
+    connection once and collects (loc, message) pairs in :attr:`found`."""
 
     def __init__(self, config: SyncConfig, describe: Describe, skip: set[str],
                  unreachable: list[str] | None = None) -> None:
