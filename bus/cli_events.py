@@ -45,6 +45,10 @@ def tail_command(
         "--json", help="Print each event's raw CloudEvents JSON, one per line.")] = False,
     limit: Annotated[int | None, typer.Option(
         "--limit", "-n", min=1, help="Exit after this many events.")] = None,
+    idle: Annotated[float | None, typer.Option(
+        "--idle", min=0.1, metavar="SECONDS",
+        help="Exit when no matching event arrived for this long (scripts: replay what is "
+             "there, then stop).")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", envvar="SYNCBUS_CONFIG",
         help="Take the broker URL from this config file.")] = None,
@@ -70,6 +74,8 @@ def tail_command(
 
       syncbus tail --from first --limit 10          # the 10 oldest events kept
 
+      syncbus tail 'crm.#' --from 1h --idle 5       # the last hour, then exit when quiet
+
       syncbus tail --from 2026-03-01T08:00 --json | jq .data.key
 
     Quote patterns containing * or # so the shell leaves them alone.
@@ -86,7 +92,7 @@ def tail_command(
     ready = f"watching {where} matching {pattern!r} at {redact_url(url_or_default(url))}; Ctrl-C stops"
     try:
         tail(url=url, pattern=pattern, start=start, limit=limit, as_json=as_json,
-             on_ready=lambda: typer.echo(ready, err=True))
+             idle_timeout=idle, on_ready=lambda: typer.echo(ready, err=True))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_OK) from None
     except HistoryUnavailable as exc:

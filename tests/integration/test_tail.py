@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -70,6 +71,17 @@ def test_tail_from_first_replays_the_history_with_offsets(env):
                           "--limit", "3"))
     assert [line.split()[0] for line in lines] == ["#0", "#1", "#2"]
     assert all("src.items.upsert" in line and line.endswith("*") for line in lines)
+
+
+def test_tail_idle_replays_what_is_there_then_exits_when_quiet(env):
+    _sync(env)
+    with env.source().connect() as conn:
+        total = conn.scalar(sa.text("SELECT count(*) FROM items"))
+    started = time.monotonic()
+    lines = _output(_tail("src.items.*", "--amqp-url", env.amqp_url, "--from", "first",
+                          "--limit", str(total + 100), "--idle", "2"))
+    assert len(lines) == total  # fewer than --limit: it stopped because nothing came
+    assert time.monotonic() - started < 40
 
 
 def test_tail_json_prints_raw_events_that_validate_against_the_schema(env):
