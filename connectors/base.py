@@ -19,10 +19,10 @@ attributes, not only text, so the dead-letter queue can show them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "BrokerConnectionError",
@@ -46,6 +46,7 @@ __all__ = [
     "TransientError",
     "Version",
     "WriteRow",
+    "group_keys",
 ]
 
 #: A record version as the source reports it: a row version / version number (int)
@@ -249,6 +250,35 @@ class Outcome:
 
 
 _APPLIED = Outcome(OutcomeStatus.APPLIED)
+
+
+W = TypeVar("W")
+
+
+def group_keys(keys: Sequence[dict[str, Any]], check: Callable[[tuple[str, ...]], None],
+               encode: Callable[[tuple[str, ...], dict[str, Any]], W | None],
+               ) -> dict[tuple[str, ...], dict[int, W]]:
+    """Group the keys of a ``fetch`` by the columns they name (one query per group).
+
+    Args:
+        keys: The keys asked for, in order.
+        check: Called once per column set; raises (``SchemaError``) when it is no key.
+        encode: A key's lookup value in the system, or None when no record can have it
+            (text for an integer id): that key's answer is None.
+
+    Returns:
+        Column set (sorted names) → key position → encoded key.
+    """
+    groups: dict[tuple[str, ...], dict[int, W]] = {}
+    for i, key in enumerate(keys):
+        cols = tuple(sorted(key))
+        if cols not in groups:
+            check(cols)
+            groups[cols] = {}
+        wanted = encode(cols, key)
+        if wanted is not None:
+            groups[cols][i] = wanted
+    return groups
 
 
 @runtime_checkable

@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from connectors.base import FetchedRecord, SchemaError
+from connectors.base import FetchedRecord, SchemaError, group_keys
 from connectors.business_central.client import BCClient
 from connectors.business_central.detection import ChangeFeed
 from connectors.business_central.metadata import PageInfo
@@ -73,15 +73,8 @@ class Fetcher:
             ConnectorUnavailable, TransientError, PermanentError: from the client.
         """
         page = feed.page
-        groups: dict[tuple[str, ...], dict[int, _Key]] = {}
-        for i, key in enumerate(keys):
-            fields = tuple(sorted(key))
-            if fields not in groups:
-                _check(self.client.name, page, fields)
-                groups[fields] = {}
-            wanted = _wanted(page, fields, key)
-            if wanted is not None:
-                groups[fields][i] = wanted
+        groups = group_keys(keys, lambda fields: _check(self.client.name, page, fields),
+                            lambda fields, key: _wanted(page, fields, key))
         result: list[FetchedRecord | None] = [None] * len(keys)
         for fields, by_index in groups.items():
             distinct = {match: lits for lits, match in by_index.values()}

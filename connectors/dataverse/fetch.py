@@ -30,7 +30,7 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from connectors.base import FetchedRecord, SchemaError
+from connectors.base import FetchedRecord, SchemaError, group_keys
 from connectors.dataverse.changes import ANNOTATIONS, upsert_record
 from connectors.dataverse.client import DataverseClient
 from connectors.dataverse.convert import ConversionError, filter_literal, key_value
@@ -70,15 +70,8 @@ class Fetcher:
             TransientError: 429/5xx after the retries.
             PermanentError: Dataverse refused the query.
         """
-        groups: dict[tuple[str, ...], dict[int, _Wanted]] = {}
-        for i, key in enumerate(keys):
-            cols = tuple(sorted(key))
-            if cols not in groups:
-                self._check(table, cols)
-                groups[cols] = {}
-            wanted = _wanted(table, cols, key)
-            if wanted is not None:
-                groups[cols][i] = wanted
+        groups = group_keys(keys, lambda cols: self._check(table, cols),
+                            lambda cols, key: _wanted(table, cols, key))
         result: list[FetchedRecord | None] = [None] * len(keys)
         for cols, by_index in groups.items():
             found = self._read(table, [table.attributes[c] for c in cols], set(by_index.values()))

@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connectors.base import FetchedRecord, SchemaError
+from connectors.base import FetchedRecord, SchemaError, group_keys
 from connectors.sql.schema import Catalog, TableInfo
 from connectors.sql.tracking import Tracker
 
@@ -73,15 +73,8 @@ class Fetcher:
         if not keys:
             return []
         info = self._info(entity, {c for k in keys for c in k})
-        groups: dict[tuple[str, ...], dict[int, _Wanted]] = {}
-        for i, key in enumerate(keys):
-            cols = tuple(sorted(key))
-            if cols not in groups:
-                self._check_key(info, cols)
-                groups[cols] = {}
-            wanted = _encode(info, cols, key)
-            if wanted is not None:
-                groups[cols][i] = wanted
+        groups = group_keys(keys, lambda cols: self._check_key(info, cols),
+                            lambda cols, key: _encode(info, cols, key))
         result: list[FetchedRecord | None] = [None] * len(keys)
         with self._errors(entity), self._engine.connect() as conn, conn.begin():
             for cols, wanted_by_index in groups.items():
