@@ -111,8 +111,9 @@ class _Item:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The event's detection time (CloudEvents ``time``), if it has one.
     time: str | None = None
-    #: The source record (upserts) and the source's connector key.
+    #: The source record (upserts), the event's key and the source's connector key.
     record: dict[str, Any] | None = None
+    event_key: dict[str, Any] = field(default_factory=dict)
     source_id: str | None = None
     modified: str | None = None
     #: Lookup fields: target field → (parent link, parent id in the source).
@@ -208,11 +209,19 @@ class LinkApplier:
             detected=self._applied_times))
         return decisions
 
+    def _ready(self) -> None:
+        """Resolve the mapper (and a two-way link's side fields) before mapping anything.
+
+        Raises:
+            TransientError: a system cannot be described right now.
+        """
+        self.mapper  # noqa: B018 - identity maps need the target's fields
+        if self.sides is not None:
+            self.sides.fields("a")  # identity maps describe both sides once
+
     def _handle(self, batch: Sequence[Delivery]) -> list[Decision]:
         try:
-            self.mapper  # noqa: B018 - resolve it before mapping anything
-            if self.sides is not None:
-                self.sides.fields("a")  # identity maps describe both sides once
+            self._ready()
         except TransientError as exc:
             return [self._fail(d, exc) for d in batch]
         decisions: list[Decision | None] = [None] * len(batch)
@@ -234,9 +243,7 @@ class LinkApplier:
         Raises:
             TransientError: the target cannot be described, or the state store is down.
         """
-        self.mapper  # noqa: B018 - resolve it before mapping anything
-        if self.sides is not None:
-            self.sides.fields("a")
+        self._ready()
         decisions: list[Decision | None] = [None] * len(batch)
         return self._plan(batch, decisions, strict=True), decisions
 
@@ -289,7 +296,7 @@ class LinkApplier:
         flow = self.flow
         forced = delivery.headers.get(WINNER_HEADER) or delivery.headers.get(MASTER_HEADER)
         item = _Item(index, delivery, event_id, op, version, {}, "", time=event.get("time"),
-                     source_id=single_id(key), modified=data.get("modified_at"),
+                     event_key=key, source_id=single_id(key), modified=data.get("modified_at"),
                      winner=str(forced) if forced in ("a", "b") else None)
         if forced is not None and MASTER_HEADER in delivery.headers:
             item.extra["master"] = True
@@ -335,15 +342,8 @@ class LinkApplier:
             return ""
         if self.flow.direction == "b2a":
             return canonical_key(item.key)
-        source = item.record or {}
-        if not source:  # a deletion: the a-side key fields are in the event key
-            return self._pair_from_key(item)
+        source = item.record or item.event_key  # a deletion: the a-side key fields are in its key
         return canonical_key({k: source.get(k) for k in self.flow.key})
-
-    def _pair_from_key(self, item: _Item) -> str:
-        event = json.loads(item.delivery.body)
-        key = event["data"]["key"]
-        return canonical_key({k: key.get(k) for k in self.flow.key})
 
     def _resolve(self, items: list[_Item], decisions: list[Decision | None]) -> list[_Item]:
         """Find deletions' records through the id map and translate lookups."""
@@ -527,14 +527,12 @@ class LinkApplier:
                                         cur.modified_at if cur is not None else None)
             self._log_conflict(item, cur, win, guard)
             if win == src:
-                self.stats.conflicts += 1
                 out.append(item)
                 continue
             if win is None:
                 decisions[item.index] = self._conflict_dead(item)
                 continue
-            self.stats.conflicts += 1  # the target's version wins: it flows back on its own
-            self._touch(item, guard)
+            self._touch(item, guard)  # the target's version wins: it flows back on its own
             decisions[item.index] = Decision.ack()
         return out
 
@@ -592,6 +590,7 @@ class LinkApplier:
         a_vals, b_vals = (mine, theirs) if src == "a" else (theirs, mine)
         a_time, b_time = (item.modified, theirs_time) if src == "a" else (theirs_time, item.modified)
         policy = "operator" if item.winner else self.link.conflict
+        self.stats.conflicts += 1
         guard.conflict(pair_key=item.record_key, policy=policy, winner=win,
                        a_values=_jsonable(a_vals), b_values=_jsonable(b_vals),
                        a_modified=a_time, b_modified=b_time, event_id=item.event_id,
@@ -600,7 +599,6 @@ class LinkApplier:
                           event_id=item.event_id)
 
     def _conflict_dead(self, item: _Item) -> Decision:
-        self.stats.conflicts += 1
         message = (f"conflict: both sides changed {item.record_key} since the last sync "
                    f"(link {self.name!r}, policy manual); keep one side with "
                    f"`syncbus tx resolve {item.event_id} --keep a|b`")
@@ -615,9 +613,9 @@ class LinkApplier:
         deletes = [i for i in items if i.op == "delete" and soft is None]
         by_item: dict[int, Outcome] = {}
         if upserts:
-            rows = [WriteRow(key=i.key, values=i.values if i.op == "upsert" and i.values else
-                             {**i.key, soft.field: soft.value} if soft else dict(i.key))
-                    for i in upserts]
+            marks = {soft.field: soft.value} if soft is not None else {}
+            rows = [WriteRow(key=i.key, values=i.values or dict(i.key)) if i.op == "upsert"
+                    else WriteRow(key=i.key, values={**i.key, **marks}) for i in upserts]
             for item, outcome in zip(upserts, self.target.upsert(self.entity, rows), strict=True):
                 by_item[item.index] = outcome
                 if item.op == "upsert":
