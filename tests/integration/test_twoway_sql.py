@@ -204,6 +204,10 @@ def test_echo_of_our_own_write_is_never_published(sides):
         runs = (first.detected["b.accounts"], second.detected["b.accounts"])
         assert sum(r.upserts for r in runs) == 0
         assert sum(r.echoes for r in runs) == 1
+        applied = {a.flow.direction: a.stats for _, a in worker.consumers
+                   if a.name == "accounts"}
+        assert applied["a2b"].upserted == 1  # the edit arrived on b exactly once
+        assert applied["b2a"].upserted == 0
         assert _a_accounts(a) == _b_accounts(b) == {"K1": ("one", "active", "1.50")}
     finally:
         worker.close()
@@ -307,15 +311,19 @@ def test_filter_and_soft_delete(sides):
     _exec(a, "INSERT INTO accounts (code, name, status) VALUES ('F1', 'kept', 'A'), "
              "('F2', 'filtered', 'I')")
     worker = make(filter="status == 'A'", filter_action="delete",
-                  b2a={"deletes": "soft", "soft_delete": {"field": "is_deleted", "value": 1}})
+                  b2a={"deletes": "soft", "soft_delete": {"field": "is_deleted", "value": 1},
+                       "filter": "title != 'private'"})
     try:
         _settle(worker)
         assert set(_b_accounts(b)) == {"F1"}
         _exec(a, "UPDATE accounts SET status = 'I' WHERE code = 'F1'")  # leaves the filter
         _settle(worker)
         assert _b_accounts(b) == {}
-        _exec(b, "INSERT INTO accounts (number, title, state) VALUES ('S1', 'soft', 'active')")
+        _exec(b, "INSERT INTO accounts (number, title, state) VALUES ('S1', 'soft', 'active'), "
+                 "('P1', 'private', 'active')")
         _settle(worker)
+        assert "P1" not in _a_accounts(a)  # b → a has its own (upload) filter
+        assert "S1" in _a_accounts(a)
         _exec(b, "DELETE FROM accounts WHERE number = 'S1'")
         _settle(worker)
         with a.connect() as conn:
