@@ -85,13 +85,8 @@ def _decimal_text(d: Decimal) -> str:
 
 
 def _utc_text(text: str) -> str:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return text
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    moment = _moment(text)
+    return text if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
 def content_hash(record: Mapping[str, Any], fields: Iterable[str]) -> str:
