@@ -21,14 +21,15 @@ from typing import Any
 from bus.publisher import OutMessage, Publisher
 from bus.topology import link_queues
 from bus.txlog import TxFilter, TxLog
-from connectors.base import ConfigError, Connector
+from connectors.base import ChangeRecord, ConfigError, Connector, Op
 from connectors.registry import open_connector
 from consumers.apply import WINNER_HEADER
 from consumers.flow import Flow, flows
 from consumers.twoway import LinkSides
+from producers.detector import change_event
 from producers.state import StateStore
 from schemas.config import SyncConfig
-from schemas.event import dumps, new_event
+from schemas.event import dumps
 
 __all__ = ["Resolution", "find_conflict", "resolve"]
 
@@ -124,9 +125,9 @@ def _send_current(config: SyncConfig, flow: Flow, link_flows: list[Flow], pair_k
     if current is None:
         return False
     version = current.version if current.version is not None else "resolved"
-    event = new_event(connection=flow.source.connection, entity=flow.source.entity, op="upsert",
-                      key=current.key, version=version, record=current.values,
-                      modified_at=current.modified_at, cursor=None)
+    event = change_event(flow.source.connection, flow.source.entity,
+                         ChangeRecord(current.key, Op.UPSERT, version, current.modified_at,
+                                      current.values), None)
     queue = link_queues(flow.link, flow.config, flow.direction).work
     publisher = Publisher(config.broker.url, name="syncbus-resolve")
     try:

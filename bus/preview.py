@@ -65,6 +65,7 @@ from connectors.registry import open_connector
 from consumers.apply import LinkApplier, Planned
 from consumers.flow import Flow, flows
 from consumers.twoway import DELETED, LinkSides, content_hash, normalize, winner
+from producers.detector import change_event
 from producers.state import StateStore
 from schemas.config import (
     BusinessCentralConnection,
@@ -73,7 +74,7 @@ from schemas.config import (
     SoftDelete,
     SyncConfig,
 )
-from schemas.event import canonical_key, dumps, json_value, new_event, routing_key
+from schemas.event import canonical_key, dumps, json_value, routing_key
 
 __all__ = ["ACTIONS", "DEFAULT_LIMIT", "FieldDiff", "PreviewCounts", "PreviewRecord",
            "PreviewReport", "preview"]
@@ -267,9 +268,7 @@ class _Previewer:
     def _delivery(self, rec: ChangeRecord) -> Delivery:
         """The change as its detector would publish it (same serialisation)."""
         src = self.flow.source
-        event = new_event(connection=src.connection, entity=src.entity, op=rec.op.value,
-                          key=rec.key, version=rec.version, record=rec.values,
-                          modified_at=rec.modified_at, cursor=self.report.cursor)
+        event = change_event(src.connection, src.entity, rec, self.report.cursor)
         return Delivery(body=dumps(event), headers={}, message_id=event["id"],
                         routing_key=routing_key(src.connection, src.entity, rec.op.value),
                         message=cast(Message, None))  # never acked: nothing is consumed

@@ -33,8 +33,9 @@ from bus.worker import RunSummary, Worker
 from connectors.base import ConfigError, Op
 from consumers.apply import MASTER_HEADER
 from consumers.flow import Flow, flows
+from producers.detector import change_event
 from schemas.config import SyncConfig
-from schemas.event import dumps, new_event
+from schemas.event import dumps
 
 __all__ = ["Progress", "SyncAllResult", "checkpoint_name", "sync_all"]
 
@@ -162,9 +163,7 @@ def _read_side(worker: Worker, flow: Flow, name: str, master: str | None, publis
         for rec in page.records:
             if rec.op is not Op.UPSERT:
                 continue
-            event = new_event(connection=flow.source.connection, entity=flow.source.entity,
-                              op="upsert", key=rec.key, version=rec.version, record=rec.values,
-                              modified_at=rec.modified_at, cursor=cursor)
+            event = change_event(flow.source.connection, flow.source.entity, rec, cursor)
             messages.append(OutMessage("", queue, dumps(event), headers, event["id"],
                                        mandatory=True))
         publisher.publish_batch(messages)

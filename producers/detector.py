@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -24,7 +24,7 @@ from connectors.base import ChangeRecord, Connector, Op
 from producers.state import StateStore
 from schemas.event import dumps, new_event, routing_key
 
-__all__ = ["Detector", "DetectorObserver", "PollResult"]
+__all__ = ["Detector", "DetectorObserver", "PollResult", "change_event"]
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +42,15 @@ class PollResult:
     @property
     def changes(self) -> int:
         return self.upserts + self.deletes
+
+
+def change_event(connection: str, entity: str, rec: ChangeRecord,
+                 cursor: str | None) -> dict[str, Any]:
+    """The change event of one change record (what detectors, Sync All and conflict
+    resolution publish, and what ``syncbus preview`` feeds the applier)."""
+    return new_event(connection=connection, entity=entity, op=rec.op.value, key=rec.key,
+                     version=rec.version, record=rec.values, modified_at=rec.modified_at,
+                     cursor=cursor)
 
 
 class DetectorObserver(Protocol):
@@ -136,11 +145,7 @@ class Detector:
         messages = []
         for rec in records:
             op = rec.op.value
-            event = new_event(
-                connection=self.connection, entity=self.entity, op=op, key=rec.key,
-                version=rec.version, record=rec.values, modified_at=rec.modified_at,
-                cursor=cursor,
-            )
+            event = change_event(self.connection, self.entity, rec, cursor)
             messages.append(OutMessage(
                 exchange=CHANGES_EXCHANGE,
                 routing_key=routing_key(self.connection, self.entity, op),
