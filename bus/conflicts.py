@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from bus.integrity import Signer, signer_for
 from bus.publisher import OutMessage, Publisher
 from bus.topology import link_queues
 from bus.txlog import TxFilter, TxLog
@@ -80,12 +81,13 @@ def resolve(config: SyncConfig, ident: str, keep: str, *, by: str) -> Resolution
             raise ConfigError(f"conflict {ident}: link {name!r} is not in this config")
         result = Resolution(name, pair_key, keep)
         result.conflicts = state.resolve_conflicts(name, pair_key, keep, by)
+        signer = signer_for(config, state)
         link_flows = flows(name, link)
         flow = next((f for f in link_flows if f.source_side == keep), None)
         if flow is None:
             result.notes.append(f"link {name!r} does not flow from side {keep}: nothing to send")
         else:
-            result.sent = _send_current(config, flow, link_flows, pair_key)
+            result.sent = _send_current(config, flow, link_flows, pair_key, signer)
             if not result.sent:
                 result.notes.append(f"side {keep} no longer holds the record")
         events = {r["event_id"] for r in state.conflict_rows(link=name)
@@ -93,7 +95,7 @@ def resolve(config: SyncConfig, ident: str, keep: str, *, by: str) -> Resolution
         log = TxLog(config)
         try:
             moved = log.replay(TxFilter(ids=events, link=name),
-                               extra_headers={WINNER_HEADER: keep}) if events else None
+                               extra_headers={WINNER_HEADER: keep}, signer=signer) if events else None
         finally:
             log.close()
         result.replayed = moved.moved if moved else 0
@@ -102,7 +104,8 @@ def resolve(config: SyncConfig, ident: str, keep: str, *, by: str) -> Resolution
         state.close()
 
 
-def _send_current(config: SyncConfig, flow: Flow, link_flows: list[Flow], pair_key: str) -> bool:
+def _send_current(config: SyncConfig, flow: Flow, link_flows: list[Flow], pair_key: str,
+                  signer: Signer) -> bool:
     """Read the kept side's record now and queue it for the other side; False if absent."""
     connectors: dict[str, Connector] = {}
     try:
@@ -131,8 +134,10 @@ def _send_current(config: SyncConfig, flow: Flow, link_flows: list[Flow], pair_k
     queue = link_queues(flow.link, flow.config, flow.direction).work
     publisher = Publisher(config.broker.url, name="syncbus-resolve")
     try:
-        publisher.publish_batch([OutMessage("", queue, dumps(event), {WINNER_HEADER: flow.source_side},
-                                            event["id"], mandatory=True)])
+        body = dumps(event)
+        publisher.publish_batch([OutMessage(
+            "", queue, body, signer.headers(body, {WINNER_HEADER: flow.source_side}),
+            event["id"], mandatory=True)])
     finally:
         publisher.close()
     return True

@@ -44,6 +44,15 @@ from kombu.message import Message
 from bus.publisher import OutMessage, Publisher
 from bus.redact import redact_url
 from bus.topology import DEAD_EXCHANGE, LinkQueues
+from bus.wire import (
+    ROUTING_KEY_RE,
+    UNDECODABLE,
+    body_bytes,
+    count_header,
+    safe_headers,
+    time_header,
+    tolerate_undecodable_properties,
+)
 from schemas.config import RetryPolicy
 
 __all__ = ["BatchConsumer", "Decision", "Delivery", "Settled", "Verdict", "headers"]
@@ -58,6 +67,11 @@ MAX_ERROR_CHARS = 2000
 MAX_HISTORY = 20
 #: Seconds between two looks at the pause flag while paused.
 PAUSE_POLL = 0.2
+#: Error class of a message the consumer cannot read at all (never reaches the handler).
+UNREADABLE = "Unreadable"
+
+_ROUTING_KEY_RE = ROUTING_KEY_RE
+tolerate_undecodable_properties()
 
 
 class headers:  # noqa: N801 - a namespace of header names
@@ -119,14 +133,23 @@ class Delivery:
     message_id: str | None
     message: Message = field(repr=False)
 
+    #: Why the message cannot be handled at all (its body could not be read as bytes);
+    #: such a delivery is dead-lettered by the consumer without reaching the handler.
+    problem: str | None = None
+
     @property
     def attempts(self) -> int:
-        """Failed attempts so far (our own header, not x-death)."""
-        return int(self.headers.get(headers.ATTEMPTS, 0) or 0)
+        """Failed attempts so far (our own header, not x-death; 0 when unreadable)."""
+        return count_header(self.headers.get(headers.ATTEMPTS))
 
     @property
     def original_routing_key(self) -> str:
-        return str(self.headers.get(headers.ROUTING_KEY) or self.routing_key)
+        """The routing key the message was first published with (where its copies say
+        it came from); the delivery's own when the header is missing or not a name."""
+        value = self.headers.get(headers.ROUTING_KEY)
+        if isinstance(value, str) and _ROUTING_KEY_RE.match(value):
+            return value
+        return self.routing_key
 
 
 Handler = Callable[[Sequence[Delivery]], list[Decision]]
@@ -291,7 +314,12 @@ class BatchConsumer:
 
     def _timed_decide(self, batch: list[Delivery]) -> tuple[list[Decision], float]:
         started = time.perf_counter()
-        decisions = self._decide(batch)
+        readable = [d for d in batch if d.problem is None]
+        if len(readable) == len(batch):
+            decisions = self._decide(batch)
+        else:
+            made = iter(self._decide(readable) if readable else [])
+            decisions = [next(made) if d.problem is None else _unreadable(d) for d in batch]
         return decisions, time.perf_counter() - started
 
     def _wait_pending(self) -> None:
@@ -312,13 +340,7 @@ class BatchConsumer:
             self._log.info("consumer_resumed", queue=self.queues.work)
 
     def _on_message(self, message: Message) -> None:
-        self._buffer.append(Delivery(
-            body=message.body if isinstance(message.body, bytes) else bytes(message.body),
-            headers=dict(message.headers or {}),
-            routing_key=message.delivery_info.get("routing_key", ""),
-            message_id=message.properties.get("message_id"),
-            message=message,
-        ))
+        self._buffer.append(_delivery(message))
         self.stats.in_flight = len(self._buffer) + (len(self._pending[0]) if self._pending else 0)
         self.stats.idle_since = None
 
@@ -387,8 +409,11 @@ class BatchConsumer:
         now = datetime.now(UTC)
         stamp = now.isoformat()
         attempts = delivery.attempts + 1
-        round_ = int(delivery.headers.get(headers.ROUND, 0) or 0) + 1
-        hdrs = dict(delivery.headers)
+        round_ = count_header(delivery.headers.get(headers.ROUND)) + 1
+        hdrs = safe_headers(delivery.headers)
+        for name in (headers.FIRST_FAILURE, headers.RETRY_SINCE):  # a forged time is no time
+            if name in hdrs and time_header(hdrs[name]) is None:
+                del hdrs[name]
         hdrs.update({
             headers.ATTEMPTS: attempts,
             headers.ROUND: round_,
@@ -404,8 +429,9 @@ class BatchConsumer:
         hdrs[headers.HISTORY] = _history(hdrs.get(headers.HISTORY), stamp, decision)
         if decision.response:
             hdrs[headers.RESPONSE] = decision.response[:MAX_ERROR_CHARS]
-        props = delivery.message.properties
-        content_type = props.get("content_type") or "application/cloudevents+json"
+        content_type = delivery.message.properties.get("content_type")
+        if not isinstance(content_type, str) or not ROUTING_KEY_RE.match(content_type):
+            content_type = "application/cloudevents+json"
         give_up = self._give_up(decision, round_, hdrs[headers.RETRY_SINCE], now)
         if decision.verdict is Verdict.RETRY and give_up is None:
             delay, queue = self._tier(round_, decision.retry_after)
@@ -430,7 +456,8 @@ class BatchConsumer:
             if round_ >= self.retry.max_attempts:
                 return f"crashed the consumer {round_} times"
             return None
-        waited = (now - datetime.fromisoformat(since)).total_seconds()
+        began = time_header(since) or now
+        waited = (now - began).total_seconds()
         if waited >= self.retry.offline_window:
             return f"still failing after {waited:.0f}s (offline window {self.retry.offline_window:g}s)"
         return None
@@ -445,8 +472,37 @@ class BatchConsumer:
         return delay, queue
 
 
+def _delivery(message: Message) -> Delivery:
+    """A delivery as the handler sees it; never raises, whatever the message holds.
+
+    A message whose body cannot be turned back into its bytes, or whose properties
+    py-amqp could not decode, carries the reason in :attr:`Delivery.problem`.
+    """
+    props = message.properties if isinstance(message.properties, dict) else {}
+    raw_headers = message.headers if isinstance(message.headers, dict) else {}
+    body, problem = body_bytes(message.body, props.get("content_encoding"))
+    if UNDECODABLE in raw_headers:
+        problem = f"AMQP properties could not be decoded ({raw_headers[UNDECODABLE]})"
+    message_id = props.get("message_id")
+    routing_key = (message.delivery_info or {}).get("routing_key", "")
+    return Delivery(
+        body=body,
+        headers=dict(raw_headers),
+        routing_key=routing_key if isinstance(routing_key, str) else "",
+        message_id=message_id if isinstance(message_id, str) else None,
+        message=message,
+        problem=problem,
+    )
+
+
+def _unreadable(delivery: Delivery) -> Decision:
+    log.warning("message_unreadable", event_id=delivery.message_id, error=delivery.problem)
+    return Decision(Verdict.DEAD, error=f"unreadable message: {delivery.problem}",
+                    error_class=UNREADABLE)
+
+
 def _history(previous: Any, stamp: str, decision: Decision) -> list[dict[str, str]]:
-    entries = list(previous) if isinstance(previous, list) else []
+    entries = [e for e in previous if isinstance(e, dict)] if isinstance(previous, list) else []
     entries.append({"at": stamp, "class": decision.error_class or "",
                     "error": (decision.error or "")[:300]})
     return entries[-MAX_HISTORY:]

@@ -64,6 +64,7 @@ from connectors.base import ChangeRecord, ConfigError, ConnectorUnavailable, Fet
 from connectors.registry import open_connector
 from consumers.apply import LinkApplier, Planned
 from consumers.flow import Flow, flows
+from consumers.intake import Intake
 from consumers.twoway import DELETED, LinkSides, content_hash, normalize, winner
 from producers.detector import change_event
 from producers.state import StateStore
@@ -221,8 +222,11 @@ class _Previewer:
         self.source = worker.connectors[flow.source.connection]
         self.target = worker.connectors[flow.target.connection]
         self.sides: LinkSides | None = worker.link_sides().get(flow.link)
+        # The events are built here, from the source: checked, but not signed.
+        intake = Intake(flow, signer=None, version_types=self.source.capabilities.version_types,
+                        max_bytes=worker.config.broker.max_event_bytes)
         self.applier = LinkApplier(flow.link, flow, self.target, state, sides=self.sides,
-                                   links=worker.config.links)
+                                   links=worker.config.links, intake=intake)
         self.spare: list[PreviewRecord] = []
 
     def run(self) -> None:

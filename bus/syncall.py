@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from bus.integrity import signer_for
 from bus.publisher import OutMessage, Publisher
 from bus.topology import link_queues
 from bus.worker import RunSummary, Worker
@@ -156,6 +157,7 @@ def _read_side(worker: Worker, flow: Flow, name: str, master: str | None, publis
     say(f"{flow.direction}: reading {total} records of {side}")
     queue = link_queues(flow.link, flow.config, flow.direction).work
     headers = {MASTER_HEADER: master} if master else None
+    signer = signer_for(worker.config, state)
     started, this_run = time.monotonic(), 0
     cursor: str | None = mark["cursor"]
     for page in connector.read_changes(flow.source.entity, cursor, flow.config.page_size):
@@ -164,8 +166,9 @@ def _read_side(worker: Worker, flow: Flow, name: str, master: str | None, publis
             if rec.op is not Op.UPSERT:
                 continue
             event = change_event(flow.source.connection, flow.source.entity, rec, cursor)
-            messages.append(OutMessage("", queue, dumps(event), headers, event["id"],
-                                       mandatory=True))
+            body = dumps(event)
+            messages.append(OutMessage("", queue, body, signer.headers(body, headers),
+                                       event["id"], mandatory=True))
         publisher.publish_batch(messages)
         published += len(messages)
         this_run += len(messages)

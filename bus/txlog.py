@@ -30,6 +30,7 @@ import pika.exceptions
 
 from bus.browse import Handle, QueueBrowser
 from bus.consumer import headers
+from bus.integrity import Signer
 from bus.publisher import OutMessage, Publisher
 from bus.topology import ARCHIVE_QUEUE, DEAD_QUEUE, all_link_queues
 from producers.state import StateStore
@@ -247,11 +248,14 @@ class TxLog:
     # -- moving -----------------------------------------------------------------------
 
     def replay(self, flt: TxFilter, progress: Progress | None = None, *,
-               extra_headers: dict[str, Any] | None = None) -> MoveResult:
+               extra_headers: dict[str, Any] | None = None,
+               signer: Signer | None = None) -> MoveResult:
         """Set matching Error transactions to Pending: back to their link's work queue.
 
         Args:
             extra_headers: Set on every replayed copy (e.g. a conflict's chosen winner).
+            signer: Signs the copies anew when ``extra_headers`` holds a header the
+                signature covers (only copies of events the bus had signed).
         """
         now = datetime.now(UTC).isoformat()
         known = {lq.work: n for n, lk in self.config.links.items() if lk.enabled
@@ -269,7 +273,10 @@ class TxLog:
                 -20:]
             hdrs[headers.ROUTING_KEY] = tx.routing_key
             hdrs[headers.LINK] = tx.link
-            hdrs.update(extra_headers or {})
+            if extra_headers:
+                hdrs.update(extra_headers)
+                if signer is not None:
+                    hdrs = signer.rebind(tx.body, tx.headers, hdrs)
             return OutMessage("", queue, tx.body, hdrs, tx.id or None, mandatory=True)
 
         return self._move(DEAD_QUEUE, "error", flt, copy, progress)

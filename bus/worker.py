@@ -32,6 +32,7 @@ from kombu import Connection
 from bus.consumer import BatchConsumer
 from bus.drift import refuse_drifted_links
 from bus.health import HealthServer
+from bus.integrity import Signer, signer_for
 from bus.metrics import Metrics
 from bus.monitor import Monitor
 from bus.publisher import Publisher
@@ -51,6 +52,7 @@ from connectors.base import (
 from connectors.registry import open_connector
 from consumers.apply import LinkApplier
 from consumers.flow import Flow, flows
+from consumers.intake import Intake
 from consumers.twoway import EchoFilter, LinkSides
 from producers.detector import Detector, PollResult
 from producers.state import StateStore
@@ -120,6 +122,7 @@ class Worker:
         self.connectors: dict[str, Connector] = {}
         self.state: StateStore | None = None
         self.publisher: Publisher | None = None
+        self.signer: Signer | None = None
         self.detectors: list[tuple[Detector, float]] = []
         self.consumers: list[tuple[BatchConsumer, LinkApplier]] = []
         self.queues: list[LinkQueues] = []
@@ -181,6 +184,7 @@ class Worker:
         cfg = self.config
         self.open_connectors()
         self.state = StateStore(cfg.state.url)
+        self.signer = signer_for(cfg, self.state)
         self.queues = self._declare()
         self.publisher = Publisher(cfg.broker.url, name="syncbus-worker")
         self.monitor = Monitor(cfg, self.state, self.metrics, self.owner)
@@ -352,7 +356,7 @@ class Worker:
             page, interval = sources.get(src, (link.page_size, link.poll_interval))
             sources[src] = (min(page, link.page_size), min(interval, link.poll_interval))
             readers.setdefault(src, []).append((flow, sides.get(flow.link)))
-        assert self.state is not None and self.publisher is not None
+        assert self.state is not None and self.publisher is not None and self.signer is not None
         for (conn, entity), (page, interval) in sources.items():
             flows_here = readers[(conn, entity)]
             echo = None
@@ -360,7 +364,7 @@ class Worker:
                 echo = EchoFilter([(f, s) for f, s in flows_here if s is not None], self.state)
             detector = Detector(connection=conn, entity=entity, connector=self.connectors[conn],
                                 state=self.state, publisher=self.publisher, page_size=page,
-                                observer=self.monitor, echo_filter=echo)
+                                observer=self.monitor, echo_filter=echo, signer=self.signer)
             self.detectors.append((detector, interval))
             self._wake[detector.name] = threading.Event()
         for conn in {c for c, _ in sources}:
@@ -407,9 +411,13 @@ class Worker:
                 fields = None  # the target is down: the applier asks again when it is back
             monitor = self._monitor()
             label = name if flow.direction == "a2b" else flow.name
+            intake = Intake(
+                flow, signer=self.signer, max_bytes=self.config.broker.max_event_bytes,
+                version_types=self.connectors[flow.source.connection].capabilities.version_types)
             applier = LinkApplier(name, flow, target, self.state, sides=sides.get(name),
                                   links=self.config.links, target_fields=fields,
-                                  on_batch=functools.partial(monitor.on_applied, label))
+                                  on_batch=functools.partial(monitor.on_applied, label),
+                                  intake=intake)
             consumer = BatchConsumer(
                 url=self.config.broker.url, queues=by_name[(name, flow.direction)],
                 handler=applier, publisher=self.publisher, retry=link.retry,

@@ -9,6 +9,7 @@ Errors (retry decisions are made from the type alone)::
     ├── PermanentError            a retry never will: validation, missing field, bad mapping
     │   ├── RecordRejected        the target refused one record (carries the target's text)
     │   ├── SchemaError           an event or record does not have the expected shape
+    │   ├── Unverified            an event the bus did not sign (or signed with another key)
     │   └── MappingError          a field map could not be applied to a record
     └── ConfigError               the configuration is wrong (reported before anything runs)
 
@@ -44,6 +45,7 @@ __all__ = [
     "RecordRejected",
     "SchemaError",
     "TransientError",
+    "Unverified",
     "Version",
     "WriteRow",
     "group_keys",
@@ -119,6 +121,10 @@ class SchemaError(PermanentError):
     """An event or record does not have the shape the contract requires."""
 
 
+class Unverified(PermanentError):
+    """An event without a valid signature of this bus: never applied, never trusted."""
+
+
 class MappingError(PermanentError):
     """A field map could not be applied to a record (missing key, bad transform input)."""
 
@@ -176,6 +182,10 @@ class Capabilities:
     max_batch: int = 500
     #: Requests per second the system tolerates, if it publishes a limit.
     rate_limit: float | None = None
+    #: Types of the versions its change records carry (row versions are ints; a
+    #: system that falls back to ETags also has str). Consumers reject an event whose
+    #: version is of another type.
+    version_types: tuple[type, ...] = (int,)
 
 
 @dataclass(frozen=True, slots=True)

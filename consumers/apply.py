@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 
 from bus.consumer import Decision, Delivery, Verdict
+from bus.integrity import BOUND_HEADERS
 from connectors.base import (
     BusError,
     ConfigError,
@@ -41,11 +42,11 @@ from connectors.base import (
     Outcome,
     OutcomeStatus,
     PermanentError,
-    SchemaError,
     TransientError,
     WriteRow,
 )
 from consumers.flow import Flow
+from consumers.intake import Intake
 from consumers.mapping import FieldMapper
 from consumers.twoway import DELETED, LinkSides, content_hash, single_id, winner
 from producers.state import AppliedGuard, StateStore
@@ -57,10 +58,10 @@ __all__ = ["ApplyReport", "ApplyStats", "LinkApplier", "MASTER_HEADER", "Planned
 log = structlog.get_logger(__name__)
 
 #: Header an operator's conflict resolution sets on a replayed change: the side (a/b)
-#: whose version is kept.
-WINNER_HEADER = "x-syncbus-winner"
-#: Header of Sync All events: the master side (a/b) that wins every difference.
-MASTER_HEADER = "x-syncbus-master"
+#: whose version is kept. Covered by the event's signature (bus.integrity).
+WINNER_HEADER = BOUND_HEADERS[0]
+#: Header of Sync All events: the master side (a/b) that wins every difference (signed).
+MASTER_HEADER = BOUND_HEADERS[1]
 
 
 @dataclass(slots=True)
@@ -141,6 +142,9 @@ class LinkApplier:
         target_fields: Fields of the target entity (restricts identity mapping); when
             None they are read from the target before the first batch.
         on_batch: Called with an :class:`ApplyReport` after every batch.
+        intake: Checks every event before it is used (:mod:`consumers.intake`); the
+            worker passes one that verifies signatures. Default: the checks without
+            signature verification (``syncbus preview`` builds its own events).
     """
 
     def __init__(
@@ -154,8 +158,10 @@ class LinkApplier:
         links: Mapping[str, LinkConfig] | None = None,
         target_fields: Collection[str] | None = None,
         on_batch: Callable[[ApplyReport], None] | None = None,
+        intake: Intake | None = None,
     ) -> None:
         self.name = name
+        self.intake = intake or Intake(flow, signer=None)
         self.flow = flow
         self.link = flow.config
         self.target = target
@@ -284,26 +290,17 @@ class LinkApplier:
     # -- steps ------------------------------------------------------------------------
 
     def _prepare(self, index: int, delivery: Delivery) -> _Item | None:
-        try:
-            event = json.loads(delivery.body)
-            data = event["data"]
-            op, version, key = data["op"], data["version"], data["key"]
-            event_id = str(event["id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SchemaError(f"malformed change event: {type(exc).__name__}: {exc}") from exc
-        if op not in ("upsert", "delete") or not isinstance(key, dict):
-            raise SchemaError(f"malformed change event: op={op!r}, key={key!r}")
+        event = self.intake.read(delivery)  # PermanentError: dead-lettered with the reason
+        data, op, version, key, event_id = event.data, event.op, event.version, event.key, event.id
         flow = self.flow
         forced = delivery.headers.get(WINNER_HEADER) or delivery.headers.get(MASTER_HEADER)
-        item = _Item(index, delivery, event_id, op, version, {}, "", time=event.get("time"),
-                     event_key=key, source_id=single_id(key), modified=data.get("modified_at"),
+        item = _Item(index, delivery, event_id, op, version, {}, "", time=event.time,
+                     event_key=key, source_id=single_id(key), modified=_text(data.get("modified_at")),
                      winner=str(forced) if forced in ("a", "b") else None)
         if forced is not None and MASTER_HEADER in delivery.headers:
             item.extra["master"] = True
         if op == "upsert":
-            record = data.get("record")
-            if not isinstance(record, dict):
-                raise SchemaError("malformed change event: upsert without a record")
+            record = data["record"]
             item.record = record
             marker = flow.soft_marker
             if marker is not None and record.get(marker.field) == marker.value:
@@ -653,6 +650,10 @@ class LinkApplier:
             return self._dead(delivery, exc)
         return Decision(Verdict.RETRY, error=exc.message, error_class=type(exc).__name__,
                         retry_after=getattr(exc, "retry_after", None))
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _newer(a: Any, b: Any) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from bus.integrity import Signer
 from bus.publisher import OutMessage, Publisher
 from bus.topology import CHANGES_EXCHANGE
 from connectors.base import ChangeRecord, Connector, Op
@@ -77,6 +78,8 @@ class Detector:
         observer: Told of every page read and published.
         echo_filter: Drops the changes that only echo syncbus's own writes (two-way
             links: the echo rule); the cursor still moves past them.
+        signer: Signs every event (:mod:`bus.integrity`); link consumers reject
+            unsigned ones.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Detector:
         page_size: int,
         observer: DetectorObserver | None = None,
         echo_filter: Callable[[list[ChangeRecord]], list[ChangeRecord]] | None = None,
+        signer: Signer,
     ) -> None:
         self.connection = connection
         self.entity = entity
@@ -99,6 +103,7 @@ class Detector:
         self.page_size = page_size
         self.observer = observer
         self.echo_filter = echo_filter
+        self.signer = signer
         self.name = f"{connection}.{entity}"
 
     def poll(self, stop: threading.Event | None = None,
@@ -146,10 +151,12 @@ class Detector:
         for rec in records:
             op = rec.op.value
             event = change_event(self.connection, self.entity, rec, cursor)
+            body = dumps(event)
             messages.append(OutMessage(
                 exchange=CHANGES_EXCHANGE,
                 routing_key=routing_key(self.connection, self.entity, op),
-                body=dumps(event),
+                body=body,
+                headers=self.signer.headers(body),
                 message_id=event["id"],
             ))
         self.publisher.publish_batch(messages)

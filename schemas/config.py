@@ -150,6 +150,19 @@ class BrokerConfig(_Model):
         description="Segment file size of the history stream (x-stream-max-segment-size-bytes); "
         "retention removes whole segments, so keep it well below history_max_bytes.",
     )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Secret the bus signs every change event with (HMAC-SHA256 in the "
+        "x-syncbus-signature header; at least 32 characters): link consumers dead-letter "
+        "events without a valid signature as Unverified, so a foreign publisher cannot "
+        "forge changes. Write it as ${ENV} or ${file:...}. Omitted: a key generated once "
+        "and kept in the state store, shared by every worker of that store.",
+    )
+    max_event_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024,
+        description="Largest change event a link consumer accepts, in bytes; a larger one "
+        "is dead-lettered with the reason (raise it, then replay, for very large records).",
+    )
 
     @field_validator("url")
     @classmethod
@@ -158,6 +171,13 @@ class BrokerConfig(_Model):
             scheme = v.partition("://")[0] if "://" in v else ""
             got = f" (got {scheme}://)" if scheme.isalnum() else ""
             raise ValueError(f"must be an AMQP URL starting with amqp:// or amqps://{got}")
+        return v
+
+    @field_validator("signing_key")
+    @classmethod
+    def _long_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -base64 32`)")
         return v
 
 

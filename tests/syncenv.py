@@ -15,6 +15,10 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
+from bus.config import load_config
+from bus.integrity import Signer, signer_for
+from producers.state import StateStore
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ITEMS_DDL = {
@@ -41,6 +45,20 @@ class SyncEnv:
 
     def target(self) -> sa.Engine:
         return sa.create_engine(self.target_url)
+
+    def signer(self) -> Signer:
+        """Signs events as this config's workers do (a test publishing its own events)."""
+        return config_signer(self.config_path)
+
+
+def config_signer(config_path: Path) -> Signer:
+    """The event signer of the config at ``config_path`` (its state store's key)."""
+    config = load_config(config_path).config
+    state = StateStore(config.state.url)
+    try:
+        return signer_for(config, state)
+    finally:
+        state.close()
 
 
 def make_env(tmp: Path, *, source_url: str, target_url: str, amqp_url: str,

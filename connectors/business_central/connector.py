@@ -131,7 +131,8 @@ class BusinessCentralConnector:
         """Change tracking, alternate keys, batches of ``batch_size`` (≤ 100), 20 req/s."""
         deletes = any(s.sync_deletion or s.webhook for s in self.config.entities.values())
         return Capabilities(change_tracking=True, deletes_tracked=deletes, alternate_keys=True,
-                            max_batch=self.config.batch_size, rate_limit=RATE_LIMIT)
+                            max_batch=self.config.batch_size, rate_limit=RATE_LIMIT,
+                            version_types=(int, str))  # row versions, or ETags
 
     # -- metadata -----------------------------------------------------------------------
 

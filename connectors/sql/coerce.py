@@ -223,6 +223,8 @@ def _uuid_encoder(as_uuid: bool) -> Converter:
 
 def _to_str(v: Any) -> str:
     if isinstance(v, str):
+        if "\x00" in v:
+            raise ValueError("text with a NUL character (U+0000), which PostgreSQL cannot store")
         return v
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -231,7 +233,9 @@ def _to_str(v: Any) -> str:
     if isinstance(v, (datetime, date, time)):
         return v.isoformat()
     if isinstance(v, (dict, list)):
-        return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+        kind = "an object" if isinstance(v, dict) else "an array"
+        raise TypeError(f"{kind} is not text: map the field to a JSON column, or pick a "
+                        "value out of it with a transform")
     raise TypeError(f"not text ({type(v).__name__})")
 
 

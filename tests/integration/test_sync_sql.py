@@ -140,10 +140,10 @@ def test_duplicate_and_out_of_order_events_leave_the_target_equal_to_the_source(
 
     shuffled = events + random.Random(3).sample(events, 150)  # duplicates
     random.Random(4).shuffle(shuffled)
-    publisher = Publisher(amqp_url)
+    publisher, signer = Publisher(amqp_url), env.signer()
     publisher.publish_batch([
         OutMessage(CHANGES_EXCHANGE, routing_key("src", "items", e["data"]["op"]), dumps(e),
-                   message_id=e["id"]) for e in shuffled
+                   signer.headers(dumps(e)), message_id=e["id"]) for e in shuffled
     ])
     publisher.close()
 

@@ -145,13 +145,11 @@ def test_bad_input_is_dead_lettered_with_a_reason_and_the_consumer_keeps_going(
     good = new_event(connection="src", entity="items", op="upsert", key={"id": 99}, version=1,
                      record={"id": 99, "name": "x", "qty": 1, "price": "1", "updated": None},
                      modified_at=None, cursor=None)
-    publisher = Publisher(amqp_url)
-    publisher.publish_batch([
-        OutMessage(CHANGES_EXCHANGE, "src.items.upsert", b"not json {", message_id="bad-json"),
-        OutMessage(CHANGES_EXCHANGE, "src.items.upsert", b'{"id": "x", "data": {"op": "merge"}}',
-                   message_id="bad-event"),
-        OutMessage(CHANGES_EXCHANGE, "src.items.upsert", dumps(good), message_id=good["id"]),
-    ])
+    publisher, sign = Publisher(amqp_url), env.signer().headers  # signed, so the shape is read
+    bodies = {"bad-json": b"not json {", "bad-event": b'{"id": "x", "data": {"op": "merge"}}',
+              good["id"]: dumps(good)}
+    publisher.publish_batch([OutMessage(CHANGES_EXCHANGE, "src.items.upsert", body, sign(body),
+                                        message_id=ident) for ident, body in bodies.items()])
     publisher.close()
 
     code, _ = _run(env)
