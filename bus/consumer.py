@@ -256,6 +256,7 @@ class BatchConsumer:
 
     def _consume(self, conn: Connection, stop: threading.Event) -> None:
         channel = conn.channel()
+        channel.auto_decode = False  # bodies stay the bytes that were sent (see bus.wire)
         channel.basic_qos(0, self.prefetch, False)
         consumer = Consumer(
             channel, queues=[Queue(self.queues.work, no_declare=True)],

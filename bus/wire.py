@@ -3,9 +3,10 @@
 A work queue or ``syncbus.changes`` can receive messages from any AMQP client with
 write permission, so nothing about a delivery is trusted before it is read here:
 
-- :func:`body_bytes`: py-amqp hands a body over as ``str`` when the publisher set
-  ``content_encoding`` (it decodes with that codec) and for an empty body; this
-  returns the bytes that were on the wire, or says why it cannot.
+- :func:`body_bytes`: py-amqp hands a body over as ``str`` for an empty body, and
+  when the publisher set ``content_encoding`` on a channel that decodes (consumers
+  turn that off: ``channel.auto_decode = False``, since a decoded body cannot always
+  be encoded back to the same bytes); this returns the bytes, or says why it cannot.
 - :func:`count_header`, :func:`time_header`: syncbus's own counters and timestamps
   read back from headers, where a foreign or damaged value reads as "not set".
 - :func:`safe_headers`: headers as the publisher (pika) can send them again, so the
