@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from bus.integrity import SIGNATURE_HEADER, Signer
@@ -240,7 +239,10 @@ class _Maker:
     # -- headers ------------------------------------------------------------------------
 
     def m_headers(self) -> Hostile:
-        """Damaged x-syncbus-* and odd AMQP header values on a valid event: applied."""
+        """Damaged x-syncbus-* and odd AMQP header values on a valid event: applied.
+
+        (No decimal values: RabbitMQ 3.10 closes the publisher's connection with
+        541 INTERNAL_ERROR when one is routed into the history stream.)"""
         key = self.key()
         body = event_body(key, record__name=f"hdr-{key}", record__qty=key % 7)
         forged = self.rng.choice([
@@ -250,7 +252,7 @@ class _Maker:
             {"x-syncbus-first-failure": ["x"]}, {"x-syncbus-history": "x"},
             {"x-syncbus-history": [1, "two", None]},
             {"x-syncbus-routing-key": "#" * 300}, {"x-syncbus-queue": "elsewhere"},
-            {"x-odd-decimal": Decimal("1.5")}, {"x-odd-list": [[[[[[["deep"]]]]]]]},
+            {"x-odd-list": [[[[[[["deep"]]]]]]]}, {"x-odd-float-text": "1e400"},
             {"x-odd-bytes": b"\xff\x00"}, {"x-odd-bool": True}, {"x-odd-none": None},
         ])
         msg = self.signed("headers", body, dead=None, headers=forged)
@@ -263,7 +265,7 @@ class _Maker:
             {"x-syncbus-round": 10**9, "x-syncbus-retry-since": "2000-01-01T00:00:00+00:00"},
             {"x-syncbus-history": [{"at": 1, "class": [], "error": {}}] * 30},
             {"x-syncbus-routing-key": "not a key with spaces"},
-            {"x-odd-decimal": Decimal("123456789012.123456")},
+            {"x-odd-table": {"a": {"b": {"c": [1, "2", None, True]}}}},
         ])
         return Hostile("", "headers", b"{}", forged, dead="Unverified")
 

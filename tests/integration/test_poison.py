@@ -34,7 +34,7 @@ from tests.syncenv import ROOT, insert_items, make_env, table_rows
 pytestmark = pytest.mark.integration
 
 WORK_QUEUE = "syncbus.link.items.a2b"
-BAD_COUNT = 2_100
+BAD_COUNT = 2_800
 VALID_SOURCE_CHANGES = 1_000
 
 
@@ -101,7 +101,7 @@ def test_thousands_of_hostile_messages_never_stall_the_link_and_lose_nothing(
     bad = list(hostile_messages(env.signer(), BAD_COUNT))
     dead_expected = [m for m in bad if m.dead is not None]
     applied_expected = {m.values[0]: m.values[1:] for m in bad if m.values is not None}
-    assert len(dead_expected) >= 2_000 - len(applied_expected) // 2
+    assert len(dead_expected) >= 2_000
     assert len({m.category for m in bad}) >= 15
 
     # The worker logs a line per dead letter: into a file, not a pipe that could fill up.
