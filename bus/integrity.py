@@ -19,7 +19,7 @@ form, and costs one hash of the bytes on each side. Retry and dead-letter copies
 the header, so a replayed transaction is verified again. Subscribers may ignore it.
 
 The key is ``broker.signing_key`` from the config, or else a key generated once and
-kept in the state store (:meth:`producers.state.StateStore.secret`): every worker and
+kept in the state store (:meth:`producers.state.StateStore.keep_secret`): every worker and
 CLI command sharing the store signs and verifies alike.
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -108,4 +109,8 @@ def signer_for(config: SyncConfig, state: StateStore) -> Signer:
     configured = config.broker.signing_key
     if configured is not None:
         return Signer(configured.get_secret_value().encode())
-    return Signer(state.secret(STATE_KEY_NAME).encode())
+    return Signer(state.keep_secret("bus", STATE_KEY_NAME, _new_key).encode())
+
+
+def _new_key() -> str:
+    return secrets.token_urlsafe(32)

@@ -11,8 +11,6 @@ Tables:
   period), so an operator can confirm that and when a record was delivered.
   ``syncbus_leases`` — which worker polls which source entity, so that several workers
   sharing a PostgreSQL state store never poll the same entity at once.
-  ``syncbus_secrets`` — secrets syncbus generates itself when the config gives none
-  (the key events are signed with), shared by every worker of the store.
 
 The operational tables (detector polls, link pause flags and counters, activity, sync
 run history) are described in :mod:`producers.state_ops`.
@@ -20,7 +18,6 @@ run history) are described in :mod:`producers.state_ops`.
 
 from __future__ import annotations
 
-import secrets
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -116,14 +113,6 @@ conflicts = sa.Table(
     sa.Column("direction", sa.String(3), nullable=False),
     sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("resolved_by", sa.String(200), nullable=True),
-)
-
-secrets_table = sa.Table(
-    "syncbus_secrets",
-    metadata,
-    sa.Column("name", sa.String(200), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 PAIR_COLUMNS = ("a_id", "b_id", "a_hash", "b_hash", "a_version", "b_version")
@@ -488,32 +477,6 @@ class StateStore(OpsStateMixin):
             )
         if fresh:
             conn.execute(applied.insert(), fresh)
-
-    # -- generated secrets ----------------------------------------------------------------
-
-    def secret(self, name: str) -> str:
-        """The secret called ``name``, generated (256 random bits) on first use.
-
-        Every worker sharing the store gets the same value: the first insert wins and
-        a concurrent one reads the winner's.
-
-        Raises:
-            ConnectorUnavailable: the state store cannot be reached.
-        """
-        query = sa.select(secrets_table.c.value).where(secrets_table.c.name == name)
-        with self._available():
-            with self.engine.connect() as conn:
-                found = conn.scalar(query)
-            if found is not None:
-                return str(found)
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(secrets_table.insert().values(
-                        name=name, value=secrets.token_urlsafe(32), created_at=_now()))
-            except sa.exc.IntegrityError:
-                pass  # another worker generated it first
-            with self.engine.connect() as conn:
-                return str(conn.scalar(query))
 
     def close(self) -> None:
         self.engine.dispose()
