@@ -563,7 +563,10 @@ class MetricsConfig(_Model):
     port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Port to listen on (0: any free port); omitted: no HTTP server.")
-    host: str = Field(default="0.0.0.0", description="Address to bind; 127.0.0.1 for local only.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to bind: local only by default; 0.0.0.0 (or the host's address) "
+        "when Prometheus scrapes from another machine or container.")
     sample_interval: Duration = Field(
         default=15.0, gt=0, description="Seconds between two samples of the queue depths.")
 
