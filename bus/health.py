@@ -1,7 +1,8 @@
 """The worker's HTTP port: ``/metrics``, ``/healthz`` and ``/readyz``.
 
 Opened when the config has ``metrics: {port: 9464}`` (``host`` defaults to
-``0.0.0.0``; ``port: 0`` picks a free port, see :attr:`HealthServer.port`).
+``127.0.0.1``, local only: the endpoints have no authentication, so set ``host``
+explicitly to expose them; ``port: 0`` picks a free port, see :attr:`HealthServer.port`).
 
 - ``GET /metrics`` — the worker's Prometheus registry (text format 0.0.4).
 - ``GET /healthz`` — liveness: 200 while the worker's threads run, else 503.
@@ -16,6 +17,7 @@ database, so a hung dependency cannot hang the probe.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,7 +43,7 @@ class HealthServer:
         metrics: The worker's metrics.
         liveness: Answers ``/healthz``.
         readiness: Answers ``/readyz``.
-        host: Address to bind.
+        host: Address to bind (default: local only).
         port: Port to bind (0: any free port).
 
     Raises:
@@ -49,27 +51,33 @@ class HealthServer:
     """
 
     def __init__(self, metrics: Metrics, *, liveness: Check, readiness: Check,
-                 host: str = "0.0.0.0", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, metrics.render()),
             "/healthz": lambda: _json(liveness),
             "/readyz": lambda: _json(readiness),
         }
-        self._server = ThreadingHTTPServer((host, port), _handler(routes))
+        server = _Server6 if ":" in host else ThreadingHTTPServer
+        self._server = server((host, port), _handler(routes))
         self._server.daemon_threads = True
-        self.host = host
+        #: The address actually bound.
+        self.host: str = str(self._server.server_address[0])
         #: The port actually bound.
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="health-http",
                                         daemon=True)
         self._thread.start()
-        log.info("metrics_listening", host=host, port=self.port)
+        log.info("metrics_listening", host=self.host, port=self.port)
 
     def close(self) -> None:
         """Stop serving and release the port."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 def _json(check: Check) -> tuple[int, str, bytes]:

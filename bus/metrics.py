@@ -27,6 +27,7 @@ Names, types and labels (``docs/operations.md`` explains each)::
     syncbus_dead_letter_queue_messages                           gauge
     syncbus_throttled_total{connection}                          counter
     syncbus_throttle_wait_seconds{connection}                    histogram
+    syncbus_webhook_rejected_total{connection,reason}            counter
 
 Connectors report throttling through :func:`record_throttle`, which needs no
 reference to a worker: every live :class:`Metrics` that serves that connection
@@ -117,6 +118,11 @@ class Metrics:
         self.throttle_wait = Histogram("syncbus_throttle_wait_seconds",
                                        "Waits asked for by Retry-After.", ["connection"],
                                        buckets=WAIT_BUCKETS, registry=reg)
+        self.webhooks_rejected = Counter(
+            "syncbus_webhook_rejected",
+            "Webhook notification POSTs refused (reason: missing_client_state, "
+            "wrong_client_state, unknown_resource, malformed, too_large).",
+            ["connection", "reason"], registry=reg)
         with _live_lock:
             _live.add(self)
 
@@ -189,6 +195,10 @@ class Metrics:
         self.throttled.labels(connection).inc()
         if retry_after is not None:
             self.throttle_wait.labels(connection).observe(max(retry_after, 0.0))
+
+    def webhook_rejected(self, connection: str, reason: str) -> None:
+        """Count one notification POST the webhook receiver of ``connection`` refused."""
+        self.webhooks_rejected.labels(connection, reason).inc()
 
     # -- exposition -----------------------------------------------------------------------
 

@@ -138,6 +138,8 @@ class Worker:
         self.health: HealthServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        #: Connections whose refused webhook notifications this worker counts.
+        self._webhooks_wired: set[str] = set()
         #: Links refused because their schema drifted (bus/drift.py): name → report.
         self.refused: dict[str, list[str]] = {}
         self._sides: dict[str, LinkSides] | None = None
@@ -157,6 +159,7 @@ class Worker:
             What was done, one line per step.
         """
         self.open_connectors()
+        self._wire_webhooks()  # a subscription made here carries the kept clientState
         self._described.clear()
         wanted: dict[str, list[str]] = {}
         for flow in self.flows():
@@ -183,7 +186,9 @@ class Worker:
         """
         cfg = self.config
         self.open_connectors()
-        self.state = StateStore(cfg.state.url)
+        if self.state is None:  # prepare_sources may have opened it
+            self.state = StateStore(cfg.state.url)
+        self._wire_webhooks()
         self.signer = signer_for(cfg, self.state)
         self.queues = self._declare()
         self.publisher = Publisher(cfg.broker.url, name="syncbus-worker")
@@ -384,6 +389,21 @@ class Worker:
         if wake is not None:
             log.info("detector_woken", detector=f"{connection}.{entity}")
             wake.set()
+
+    def _wire_webhooks(self) -> None:
+        """Give connectors with webhooks the state store, which keeps the ``clientState``
+        secrets they generate, and count the notifications they refuse."""
+        for name, connector in self.connectors.items():
+            use = getattr(connector, "use_secret_store", None)
+            if use is None or getattr(getattr(connector, "config", None), "webhooks", None) is None:
+                continue
+            if self.state is None:
+                self.state = StateStore(self.config.state.url)
+            use(self.state)
+            if name not in self._webhooks_wired:
+                connector.add_rejection_listener(  # type: ignore[attr-defined]
+                    functools.partial(self.metrics.webhook_rejected, name))
+                self._webhooks_wired.add(name)
 
     def _start_webhooks(self) -> None:
         """Start the webhook receivers of connectors configured for them (accelerators only:

@@ -11,6 +11,9 @@ Tables:
   period), so an operator can confirm that and when a record was delivered.
   ``syncbus_leases`` — which worker polls which source entity, so that several workers
   sharing a PostgreSQL state store never poll the same entity at once.
+  ``syncbus_secrets`` — secrets the bus generated itself and must keep (e.g. the
+  ``clientState`` of a Business Central webhook subscription), by scope and name;
+  written once, never replaced.
 
 The operational tables (detector polls, link pause flags and counters, activity, sync
 run history) are described in :mod:`producers.state_ops`.
@@ -19,7 +22,7 @@ run history) are described in :mod:`producers.state_ops`.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -65,6 +68,15 @@ leases = sa.Table(
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("owner", sa.String(200), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+kept_secrets = sa.Table(
+    "syncbus_secrets",
+    metadata,
+    sa.Column("scope", sa.String(100), primary_key=True),
+    sa.Column("name", sa.String(400), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 applied = sa.Table(
@@ -265,6 +277,40 @@ class StateStore(OpsStateMixin):
         with self._available(), self.engine.connect() as conn:
             return conn.scalar(sa.select(leases.c.owner).where(
                 leases.c.name == name, leases.c.expires_at >= _now()))
+
+    # -- kept secrets -------------------------------------------------------------------
+
+    def get_secret(self, scope: str, name: str) -> str | None:
+        """A secret kept by :meth:`keep_secret`, or None (never log what it returns).
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        with self._available(), self.engine.connect() as conn:
+            return conn.scalar(sa.select(kept_secrets.c.value).where(
+                kept_secrets.c.scope == scope, kept_secrets.c.name == name))
+
+    def keep_secret(self, scope: str, name: str, make: Callable[[], str]) -> str:
+        """The secret ``scope``/``name``, made with ``make()`` and stored if there is none.
+
+        The first writer wins: workers racing to create it all get the same value.
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        found = self.get_secret(scope, name)
+        if found is not None:
+            return found
+        value = make()
+        with self._available(), self.engine.begin() as conn:
+            try:
+                with conn.begin_nested():
+                    conn.execute(kept_secrets.insert().values(
+                        scope=scope, name=name, value=value, created_at=_now()))
+            except sa.exc.IntegrityError:
+                return str(conn.scalar(sa.select(kept_secrets.c.value).where(
+                    kept_secrets.c.scope == scope, kept_secrets.c.name == name)))
+        return value
 
     # -- applied versions ---------------------------------------------------------------
 

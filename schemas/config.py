@@ -315,13 +315,46 @@ class BusinessCentralConnection(_OAuthConnection):
             description="Public URL Business Central posts notifications to (https online).")
         listen: str | None = Field(
             default=None,
-            description="host:port the built-in receiver binds, e.g. 0.0.0.0:8790; None when "
-            "another process receives and calls the connector's notify().")
+            description="Address the built-in receiver binds: host:port, or :port / port for "
+            "127.0.0.1 (e.g. 0.0.0.0:8790 to listen on every interface); None when another "
+            "process receives and calls the connector's notify().")
         client_state: SecretStr | None = Field(
-            default=None, description="Shared secret echoed in every notification.")
+            default=None,
+            description="Secret every notification must carry (clientState); default: one "
+            "generated per subscription and kept in the state store. Notifications without "
+            "it are refused with 401.")
         renew_before: Duration = Field(
             default=86400.0, gt=0,
             description="Renew a subscription this long before its 3-day expiry.")
+
+        @field_validator("listen")
+        @classmethod
+        def _listen_is_an_address(cls, value: str | None) -> str | None:
+            if value is not None:
+                cls.split_listen(value)
+            return value
+
+        @staticmethod
+        def split_listen(listen: str) -> tuple[str, int]:
+            """``host:port``, ``[v6]:port``, ``:port`` or ``port`` as (host, port); no host
+            means 127.0.0.1.
+
+            Raises:
+                ValueError: not such an address, or a port outside 0–65535.
+            """
+            text = listen.strip()
+            host, sep, port = text.rpartition(":")
+            if not sep:
+                host, port = "", text
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            elif ":" in host:
+                raise ValueError(f"listen {listen!r}: write an IPv6 address in brackets, "
+                                 "[::1]:8790")
+            if not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"listen {listen!r} is not host:port, :port or port "
+                                 "(e.g. 127.0.0.1:8790)")
+            return host or "127.0.0.1", int(port)
 
     type: Literal["business_central"] = "business_central"
     url: str = Field(
@@ -583,7 +616,10 @@ class MetricsConfig(_Model):
     port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Port to listen on (0: any free port); omitted: no HTTP server.")
-    host: str = Field(default="0.0.0.0", description="Address to bind; 127.0.0.1 for local only.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to bind: local only by default; 0.0.0.0 (or the host's address) "
+        "when Prometheus scrapes from another machine or container.")
     sample_interval: Duration = Field(
         default=15.0, gt=0, description="Seconds between two samples of the queue depths.")
 

@@ -11,10 +11,14 @@ Features
     * Change detection by row version where the page has one (``RowVersionNumber``,
       ``systemRowVersion``), otherwise by ``lastModifiedDateTime`` with an overlap
       window and (key, ETag) de-duplication (see ``detection``).
-    * Deletions by webhook ``deleted`` notifications (``webhook: true``) and by
-      periodic key-set reconciliation (``sync_deletion: true``, Resco's "Sync
-      Deletion": slower, off by default). Webhooks also wake the poll early:
-      :meth:`~BusinessCentralConnector.add_change_listener`.
+    * Deletions by webhook ``deleted`` notifications (``webhook: true``), each confirmed
+      by a GET that answers 404 before it is published, and by periodic key-set
+      reconciliation (``sync_deletion: true``, Resco's "Sync Deletion": slower, off by
+      default). Webhooks also wake the poll early:
+      :meth:`~BusinessCentralConnector.add_change_listener`. Notifications must carry
+      the subscription's ``clientState`` secret (configured, or generated per
+      subscription and kept in the state store given by
+      :meth:`~BusinessCentralConnector.use_secret_store`); others are refused with 401.
     * ``fetch`` reads records by key, 50 keys per ``$filter`` query (see ``fetch``), in
       exactly the form of the change feed.
     * Upserts by ``number`` (or the key a link maps) with ETags, conflicts re-read and
@@ -40,6 +44,7 @@ Limits
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -63,9 +68,14 @@ from connectors.business_central.fetch import Fetcher
 from connectors.business_central.index import KeyIndex
 from connectors.business_central.metadata import PageInfo, entity_info, parse_metadata
 from connectors.business_central.webhooks import (
+    SECRET_SCOPE,
+    MemorySecrets,
+    SecretStore,
     Subscriptions,
     WebhookReceiver,
-    parse_notification,
+    WebhookRejected,
+    check_client_state,
+    parse_notifications,
 )
 from connectors.business_central.writer import (
     ConflictHook,
@@ -119,8 +129,11 @@ class BusinessCentralConnector:
         self._feeds: dict[str, ChangeFeed] = {}
         self._index: KeyIndex | None = None
         self._listeners: list[Callable[[str], None]] = []
+        self._rejection_listeners: list[Callable[[str], None]] = []
         self._receiver: WebhookReceiver | None = None
         self._subscriptions: Subscriptions | None = None
+        self._secrets: SecretStore = MemorySecrets()
+        self._client_states: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return (f"<BusinessCentralConnector {self.name!r} {self.config.url} "
@@ -289,6 +302,18 @@ class BusinessCentralConnector:
         """
         self._listeners.append(callback)
 
+    def add_rejection_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` for each refused notification POST (for metrics;
+        ``reason`` is one of :data:`~connectors.business_central.webhooks.REASONS`)."""
+        self._rejection_listeners.append(callback)
+
+    def use_secret_store(self, store: SecretStore) -> None:
+        """Keep the generated ``clientState`` secrets in ``store`` (the worker's state
+        store), so that every worker and every restart checks notifications against the
+        secret the subscription was made with. Without it they live in memory."""
+        self._secrets = store
+        self._client_states.clear()
+
     def start_webhooks(self) -> None:
         """Start the receiver (when ``webhooks.listen`` is set) and the subscriptions.
 
@@ -300,38 +325,102 @@ class BusinessCentralConnector:
         if hooks is None:
             raise ConfigError(f"connection {self.name!r}: `webhooks` is not configured")
         if self._receiver is None and hooks.listen:
-            self._receiver = WebhookReceiver(hooks.listen, self.notify).start()
+            self._receiver = WebhookReceiver(hooks.listen, self._received,
+                                             self._rejected).start()
         if self._subscriptions is None:
-            secret = hooks.client_state.get_secret_value() if hooks.client_state else None
-            self._subscriptions = Subscriptions(self.client, hooks.notification_url, secret,
-                                                hooks.renew_before)
+            self._subscriptions = Subscriptions(self.client, hooks.notification_url,
+                                                self._client_state, hooks.renew_before)
 
-    def notify(self, body: dict[str, Any]) -> list[str]:
+    @property
+    def webhook_address(self) -> tuple[str, int] | None:
+        """(host, port) the webhook receiver is bound to, None when it does not run."""
+        return None if self._receiver is None else (self._receiver.host, self._receiver.port)
+
+    def notify(self, body: object, *, peer: str | None = None) -> list[str]:
         """Take a notification POST body (``{"value": [...]}``) and act on it.
 
-        ``deleted`` notifications become tombstones; every notification wakes the
-        listeners of its entity.
+        Every item must carry the ``clientState`` of its subscription, else nothing of
+        the body is acted on. ``deleted`` notifications name records for the detector
+        to check (it deletes only what Business Central answers 404 for); every
+        notification wakes the listeners of its entity.
+
+        Args:
+            body: The parsed JSON body.
+            peer: The sender's address (for the log).
 
         Returns:
             The entities notified about.
+
+        Raises:
+            WebhookRejected: the body is refused (logged and counted here; answer with
+                its ``http_status``: 401 for a missing or wrong ``clientState``).
         """
-        hooks = self.config.webhooks
-        secret = hooks.client_state.get_secret_value() if hooks and hooks.client_state else None
+        try:
+            notes = parse_notifications(body)
+            for note in notes:
+                check_client_state(note, self._expected_state(note.api, note.entity_set))
+            company = self.client.company_id().lower() if notes else ""
+            if any(note.company.lower() != company for note in notes):
+                raise WebhookRejected("a notification names another company",
+                                      reason="unknown_resource")
+        except WebhookRejected as exc:
+            self._rejected(exc, peer)
+            raise
         touched: dict[str, list[str]] = {}
-        for item in body.get("value", []) if isinstance(body, dict) else []:
-            note = parse_notification(item, secret)
-            if note is None or note.entity_set not in self.config.entities:
-                continue
+        for note in notes:
             deleted = touched.setdefault(note.entity_set, [])
             if note.change_type == "deleted" and note.key is not None:
                 deleted.append(note.key)
         for entity, keys in touched.items():
             feed = self._feed(entity)
             if keys and feed.index is not None:
-                feed.index.tombstone(entity, keys)
+                noted = feed.index.suspect(entity, keys)
+                log.info("webhook_deletes_to_confirm", connector=self.name, entity=entity,
+                         notified=len(keys), known=noted)
             for listener in list(self._listeners):
                 listener(entity)
         return list(touched)
+
+    def _received(self, body: dict[str, Any], peer: str) -> None:
+        self.notify(body, peer=peer)
+
+    def _rejected(self, exc: WebhookRejected, peer: str | None) -> None:
+        """Log and count a refused notification POST (never with a secret)."""
+        log.warning("webhook_rejected", connector=self.name, reason=exc.reason,
+                    status=exc.http_status, peer=peer, error=exc.message)
+        for listener in list(self._rejection_listeners):
+            listener(exc.reason)
+
+    def _client_state(self, page: PageInfo) -> str:
+        """The secret of ``page``'s subscription: configured, or made and kept."""
+        hooks = self.config.webhooks
+        if hooks is not None and hooks.client_state is not None:
+            return hooks.client_state.get_secret_value()
+        name = self._secret_name(page.api, page.entity_set)
+        found = self._client_states.get(name)
+        if found is None:
+            found = self._secrets.keep_secret(SECRET_SCOPE, name,
+                                              lambda: secrets.token_urlsafe(32))
+            self._client_states[name] = found
+        return found
+
+    def _expected_state(self, api: str, entity_set: str) -> str | None:
+        """The secret a notification about ``entity_set`` must carry; None when this
+        connection has no subscription for it (never made here)."""
+        hooks = self.config.webhooks
+        settings = self.config.entities.get(entity_set)
+        if hooks is None or settings is None or not settings.webhook:
+            return None
+        if hooks.client_state is not None:
+            return hooks.client_state.get_secret_value()
+        name = self._secret_name(api, entity_set)
+        found = self._client_states.get(name) or self._secrets.get_secret(SECRET_SCOPE, name)
+        if found is not None:
+            self._client_states[name] = found
+        return found
+
+    def _secret_name(self, api: str, entity_set: str) -> str:
+        return f"{self.name}/{api.lower()}/{entity_set}"
 
     def close(self) -> None:
         """Stop the receiver and close connections."""

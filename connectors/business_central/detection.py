@@ -11,9 +11,12 @@ Features
       (a row committed with a time before the high-water mark) are published exactly
       once. The version of these changes is the ETag.
     * **Deletions** (entities with ``sync_deletion`` or ``webhook``): the key index
-      remembers seen keys; reconciliation (every ``reconcile_interval``) and webhook
-      ``deleted`` notifications turn missing keys into tombstones, published after the
-      upserts; a renumbered record also deletes its old key. The cursor holds the last
+      remembers seen keys; reconciliation (every ``reconcile_interval``) turns missing
+      keys into tombstones, published after the upserts; a renumbered record also
+      deletes its old key. A webhook ``deleted`` notification only makes its record a
+      *suspect*: the next read asks Business Central for the record, and only a 404
+      makes a tombstone (a record that still exists is logged as
+      ``webhook_delete_refuted`` and nothing is published). The cursor holds the last
       published tombstone sequence, so none is lost in a crash.
 
 Configuration
@@ -33,17 +36,22 @@ import base64
 import hashlib
 import json
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from connectors.base import ChangePage, ChangeRecord, Op, SchemaError, Version
-from connectors.business_central.client import BCClient
+import structlog
+
+from connectors.base import ChangePage, ChangeRecord, Op, SchemaError, TransientError, Version
+from connectors.business_central.client import MAX_BATCH, BCClient, quote_key
 from connectors.business_central.index import IndexRow, KeyIndex
 from connectors.business_central.metadata import PageInfo
 
 __all__ = ["ChangeFeed", "FeedSettings", "format_time", "parse_time"]
+
+log = structlog.get_logger(__name__)
 
 Mode = Literal["row_version", "modified"]
 #: Rows per request when listing keys for reconciliation and snapshots.
@@ -107,6 +115,11 @@ class _State:
             raise SchemaError(f"{where}: the cursor was made by {state.mode} detection, the "
                               f"entity now uses {mode}; reset the detector's cursor")
         return state
+
+
+def _url_key(page: PageInfo, page_key: str) -> str:
+    """A page key between parentheses of a URL: quoted as OData wants, percent-encoded."""
+    return urllib.parse.quote(quote_key(page_key, guid=page.key_is_guid), safe="'(),=")
 
 
 def _digest(page_key: str, etag: str) -> str:
@@ -254,7 +267,7 @@ class ChangeFeed:
     def _deletions_due(self, state: _State) -> bool:
         if self.index is None:
             return False
-        if self._reconcile_due(state):
+        if self._reconcile_due(state) or self.index.suspects(self.entity):
             return True
         return bool(self.index.pending(self.entity, state.tomb))
 
@@ -267,6 +280,7 @@ class ChangeFeed:
     def _deletions(self, state: _State, page_size: int) -> Iterator[ChangePage]:
         if self.index is None:
             return
+        self._confirm_suspects()
         if self._reconcile_due(state):
             self._reconcile()
             state.reconciled = self.clock()
@@ -281,6 +295,40 @@ class ChangeFeed:
                        for t in chunk
                        if self._business(t.change_key) not in live]
             yield ChangePage(records, state.dump(), more=start + page_size < len(tombs))
+
+    def _confirm_suspects(self) -> None:
+        """Ask Business Central for each record a ``deleted`` notification named (GETs in
+        ``$batch`` requests of 100): only a 404 makes a tombstone, a record that exists is
+        logged and forgotten.
+
+        Raises:
+            TransientError: Business Central could not answer for a record (it stays a
+                suspect for the next read); see also :meth:`BCClient.request`.
+        """
+        assert self.index is not None
+        suspects = self.index.suspects(self.entity)
+        for start in range(0, len(suspects), MAX_BATCH):
+            chunk = suspects[start:start + MAX_BATCH]
+            path = f"companies({self.client.company_id()})/{self.entity}"
+            replies = self.client.batch(
+                [{"method": "GET", "url": f"{path}({_url_key(self.page, k)})?$select="
+                  f"{self.page.key}"} for k in chunk], api=self.page.api, entity=self.entity)
+            status = {k: int(r.get("status") or 500) for k, r in zip(chunk, replies, strict=True)}
+            gone = [k for k in chunk if status[k] == 404]
+            there = [k for k in chunk if 200 <= status[k] < 300]
+            for key in there:
+                log.warning("webhook_delete_refuted", connector=self.client.name,
+                            entity=self.entity, key=key)
+            if gone:
+                buried = self.index.tombstone(self.entity, gone)
+                log.info("webhook_delete_confirmed", connector=self.client.name,
+                         entity=self.entity, count=buried)
+            self.index.clear_suspects(self.entity, gone + there)
+            unsure = sorted({s for k, s in status.items() if k not in gone and k not in there})
+            if unsure:
+                raise TransientError(f"{self.where}: Business Central answered {unsure} when "
+                                     "asked whether notified deletions happened; asking again "
+                                     "next poll", entity=self.entity, status=unsure[0])
 
     def _reconcile(self) -> None:
         assert self.index is not None

@@ -6,12 +6,15 @@ with deletion detection, each record's page key (``id`` / ``No``), its change ke
 (``{"id", "number", …}``) and its last version. Deletions become *tombstones* with a
 sequence number; the change cursor says up to which sequence the deletions were
 published, so a crash between reading and publishing re-publishes them — never loses
-them.
+them. A webhook ``deleted`` notification is only a *suspect* until the detector has
+seen Business Central answer 404 for the record; suspects are kept here too, so a
+crash between the notification and the check loses none.
 
 Features
-    * ``record`` (seen rows), ``tombstone`` (webhook ids), ``reconcile`` (diff with
-      the live key set; back-fills rows the index did not know), ``pending`` and
-      ``purge`` (tombstones after / up to a cursor's sequence).
+    * ``record`` (seen rows), ``tombstone`` (confirmed deletions), ``reconcile`` (diff
+      with the live key set; back-fills rows the index did not know), ``pending`` and
+      ``purge`` (tombstones after / up to a cursor's sequence), ``suspect`` /
+      ``suspects`` / ``clear_suspects`` (deletions a notification claims, to confirm).
     * SQLAlchemy Core: a SQLite file by default, PostgreSQL when workers share it.
 
 Configuration
@@ -45,6 +48,12 @@ _KEYS = sa.Table(
     sa.Column("change_key", sa.Text, nullable=False),
     sa.Column("version", sa.String(200), nullable=False),
     sa.Column("deleted_seq", sa.BigInteger, nullable=True),
+)
+_SUSPECTS = sa.Table(
+    "bc_delete_suspects", _META,
+    sa.Column("connection", sa.String(64), primary_key=True),
+    sa.Column("entity", sa.String(128), primary_key=True),
+    sa.Column("page_key", sa.String(200), primary_key=True),
 )
 _SEQ = sa.Table(
     "bc_key_index_seq", _META,
@@ -141,6 +150,38 @@ class KeyIndex:
             live = self._known(conn, entity, keys, live_only=True)
             return self._bury(conn, entity, [k for k in keys if k in live])
 
+    def suspect(self, entity: str, page_keys: Iterable[str]) -> int:
+        """Note deletions a webhook claims, to be confirmed by the detector.
+
+        Returns:
+            How many known, live records became suspects (unknown keys are ignored).
+        """
+        keys = list(dict.fromkeys(page_keys))
+        with self._begin() as conn:
+            live = self._known(conn, entity, keys, live_only=True)
+            noted = self._suspected(conn, entity, list(live))
+            fresh = [k for k in keys if k in live and k not in noted]
+            if fresh:
+                conn.execute(_SUSPECTS.insert(), [
+                    {"connection": self.connection, "entity": entity, "page_key": k}
+                    for k in fresh])
+            return len(fresh)
+
+    def suspects(self, entity: str) -> list[str]:
+        """Page keys whose deletion a webhook claimed and nobody confirmed yet."""
+        with self._begin() as conn:
+            return list(conn.execute(sa.select(_SUSPECTS.c.page_key).where(
+                _SUSPECTS.c.connection == self.connection, _SUSPECTS.c.entity == entity)
+                .order_by(_SUSPECTS.c.page_key)).scalars().all())
+
+    def clear_suspects(self, entity: str, page_keys: Sequence[str]) -> None:
+        """Forget suspects once they were confirmed or refuted."""
+        with self._begin() as conn:
+            for start in range(0, len(page_keys), 500):
+                conn.execute(_SUSPECTS.delete().where(
+                    _SUSPECTS.c.connection == self.connection, _SUSPECTS.c.entity == entity,
+                    _SUSPECTS.c.page_key.in_(page_keys[start:start + 500])))
+
     def reconcile(self, entity: str, live: dict[str, IndexRow]) -> int:
         """Diff the index with the live key set: missing keys become tombstones, keys the
         index never saw are added.
@@ -206,6 +247,14 @@ class KeyIndex:
             if live_only:
                 query = query.where(_KEYS.c.deleted_seq.is_(None))
             found.update(conn.execute(query).scalars().all())
+        return found
+
+    def _suspected(self, conn: sa.Connection, entity: str, keys: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            found.update(conn.execute(sa.select(_SUSPECTS.c.page_key).where(
+                _SUSPECTS.c.connection == self.connection, _SUSPECTS.c.entity == entity,
+                _SUSPECTS.c.page_key.in_(keys[start:start + 500]))).scalars().all())
         return found
 
     def _bury(self, conn: sa.Connection, entity: str, keys: list[str]) -> int:

@@ -233,3 +233,108 @@ def test_connector_subscribes_renews_and_turns_deleted_notifications_into_delete
         assert len(emu.webhooks.all()) == 1
     finally:
         connector.close()
+
+
+def test_connector_generates_a_client_state_and_renews_a_subscription_made_with_another(
+        emu, http, tmp_path):
+    port = pick_free_port()
+    connector = BusinessCentralConnector("bc", **emu.connection(
+        index_url=f"sqlite:///{tmp_path}/index.db",
+        webhooks={"notification_url": f"http://127.0.0.1:{port}/bc", "listen": str(port)},
+        entities={"customers": {"webhook": True}}))
+    try:
+        connector.start_webhooks()
+        assert connector.webhook_address == ("127.0.0.1", port)  # a bare port: loopback only
+        made_before = http.post(f"{emu.api_url()}/subscriptions", json={
+            "notificationUrl": f"http://127.0.0.1:{port}/bc", "clientState": "",
+            "resource": f"/api/v2.0/companies({emu.company.id})/customers"})
+        assert made_before.status_code == 201, made_before.text
+        assert connector.has_changes("customers", None)  # checks the subscription
+        (sub,) = emu.webhooks.all()
+        assert sub.id == made_before.json()["subscriptionId"] and len(sub.client_state) >= 32
+
+        victim = emu.rows("customers")[0]
+        cursor = None
+        for page in connector.read_changes("customers", cursor, 100):
+            cursor = page.next_cursor
+        emu.delete("customers", victim["id"])
+        emu.webhooks.flush()
+        wait_for(lambda: [d.status for d in emu.webhooks.deliveries] == [202],  # secret echoed
+                 message=lambda: f"deliveries {emu.webhooks.deliveries}")
+        records = [r for p in connector.read_changes("customers", cursor, 100) for r in p.records]
+        assert [(r.op, r.key["id"]) for r in records] == [(Op.DELETE, victim["id"])]
+    finally:
+        connector.close()
+
+
+def test_receiver_refuses_what_is_not_a_notification_of_ours(emu, tmp_path):
+    reasons: list[str] = []
+    woken: list[str] = []
+    connector = BusinessCentralConnector("bc", **emu.connection(
+        index_url=f"sqlite:///{tmp_path}/index.db",
+        webhooks={"notification_url": "http://127.0.0.1:9/bc", "listen": ":0",
+                  "client_state": "abc"},
+        entities={"customers": {"webhook": True}, "vendors": {}}))
+    connector.add_rejection_listener(reasons.append)
+    connector.add_change_listener(woken.append)
+    try:
+        connector.start_webhooks()
+        host, port = connector.webhook_address or ("", 0)
+        assert host == "127.0.0.1"
+        url = f"http://127.0.0.1:{port}/bc"
+
+        def note(entity: str = "customers", company: str = emu.company.id,
+                 state: str = "abc") -> dict:
+            return {"value": [{"clientState": state, "changeType": "updated",
+                               "resource": f"api/v2.0/companies({company})/{entity}(x)"}]}
+
+        assert httpx.post(url, content=b"{not json").status_code == 400
+        assert httpx.post(url, json={"value": "x"}).status_code == 400
+        too_big = httpx.post(url, content=b" " * (4 * 1024 * 1024 + 1))
+        assert too_big.status_code == 413
+        assert httpx.post(url, json=note("vendors")).status_code == 401  # not subscribed
+        other = "6d1a2b3c-0000-4000-8000-00000000beef"
+        assert httpx.post(url, json=note(company=other)).status_code == 401
+        assert httpx.post(url, json=note(state="abd")).status_code == 401
+        mixed = note()
+        mixed["value"].append({**mixed["value"][0], "clientState": "nope"})
+        assert httpx.post(url, json=mixed).status_code == 401  # one bad item: none is taken
+        assert reasons == ["malformed", "malformed", "too_large", "unknown_resource",
+                           "unknown_resource", "wrong_client_state", "wrong_client_state"]
+        assert woken == []
+        assert httpx.post(url, json=note()).status_code == 202
+        assert woken == ["customers"]
+    finally:
+        connector.close()
+
+
+def test_deleted_notifications_are_confirmed_with_business_central_before_deleting(
+        emu, tmp_path):
+    resco = "Resco/RescoIntegrations/v2.0"
+    port = pick_free_port()
+    connector = BusinessCentralConnector("bc", **emu.connection(
+        index_url=f"sqlite:///{tmp_path}/index.db",
+        webhooks={"notification_url": f"http://127.0.0.1:{port}/bc",
+                  "listen": f"127.0.0.1:{port}", "client_state": "abc"},
+        entities={"RescoCustomer": {"webhook": True}}))
+    try:
+        cursor = None
+        for page in connector.read_changes("RescoCustomer", cursor, 100):
+            cursor = page.next_cursor
+        kept, gone = emu.rows("RescoCustomer", api=resco)[:2]
+        emu.delete("RescoCustomer", gone["No"], api=resco)
+        prefix = f"api/{resco}/companies({emu.company.id})/RescoCustomer"
+        claims = {"value": [
+            {"clientState": "abc", "changeType": "deleted",
+             "resource": f"{prefix}('{row['No'].replace(chr(39), chr(39) * 2)}')"}
+            for row in (kept, gone)]}
+        # A claim about a record the index never saw is not even noted
+        claims["value"].append({**claims["value"][0], "resource": f"{prefix}('NOPE')"})
+        assert httpx.post(f"http://127.0.0.1:{port}/bc", json=claims).status_code == 202
+        assert connector.has_changes("RescoCustomer", cursor)
+        records = [r for p in connector.read_changes("RescoCustomer", cursor, 100)
+                   for r in p.records]
+        assert [(r.op, r.key["No"]) for r in records] == [(Op.DELETE, gone["No"])]
+        assert emu.get("RescoCustomer", kept["No"], api=resco) is not None
+    finally:
+        connector.close()

@@ -62,6 +62,7 @@ class Local:
         text = text.replace(IMAGE_HOME, str(self.home))
         text = re.sub(r"amqp://\S+@rabbitmq:5672/", self.amqp_url, text)
         text = re.sub(r"postgresql\+psycopg://\S+@postgres:5432/\w+", self.pg_url, text)
+        text = text.replace("host: 0.0.0.0", "host: 127.0.0.1")  # compose network → local
         return text.replace("port: 9464", f"port: {self.metrics_port}")
 
     def command(self, svc: str) -> list[str]:

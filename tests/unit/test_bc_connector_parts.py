@@ -4,14 +4,20 @@ notification parsing and the key index."""
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from connectors.base import SchemaError, WriteRow
 from connectors.business_central.detection import _State, format_time, parse_time
 from connectors.business_central.emulator.metadata import metadata_xml
 from connectors.business_central.index import IndexRow, KeyIndex
 from connectors.business_central.metadata import parse_metadata
-from connectors.business_central.webhooks import parse_notification
+from connectors.business_central.webhooks import (
+    WebhookRejected,
+    check_client_state,
+    parse_notifications,
+)
 from connectors.business_central.writer import _convert, _literal, _payload, _Unconvertible
+from schemas.config import BusinessCentralConnection
 
 PAGES = parse_metadata(metadata_xml("v2.0") or "", "v2.0")
 
@@ -62,17 +68,68 @@ def test_notifications_are_parsed_and_checked():
     item = {"clientState": "s", "changeType": "deleted",
             "resource": "api/v2.0/companies(6d1a2b3c-0000-4000-8000-000000000001)/customers("
                         "11111111-0000-4000-8000-000000000001)"}
-    note = parse_notification(item, "s")
-    assert note is not None and (note.api, note.entity_set, note.key) == (
-        "v2.0", "customers", "11111111-0000-4000-8000-000000000001")
-    assert parse_notification(item, "other") is None
-    resco = parse_notification({**item, "resource": "api/Resco/RescoIntegrations/v2.0/companies(x)/"
-                                                    "RescoCustomer('C''1')"}, None)
-    assert resco is not None and resco.key == "C'1" and resco.api == "Resco/RescoIntegrations/v2.0"
-    many = parse_notification({**item, "changeType": "collection", "resource":
-                               "api/v2.0/companies(x)/customers?$filter=lastModifiedDateTime gt "
-                               "2024-01-01T00:00:00Z"}, "s")
-    assert many is not None and many.key is None and many.change_type == "collection"
+    (note,) = parse_notifications({"value": [item]})
+    assert (note.api, note.entity_set, note.key, note.company) == (
+        "v2.0", "customers", "11111111-0000-4000-8000-000000000001",
+        "6d1a2b3c-0000-4000-8000-000000000001")
+    assert "'s'" not in repr(note)  # the secret is never printed
+    check_client_state(note, "s")
+    for given, expected, reason in [(None, "s", "missing_client_state"),
+                                    ("", "s", "missing_client_state"),
+                                    ("other", "s", "wrong_client_state"),
+                                    ("s", None, "unknown_resource")]:
+        (forged,) = parse_notifications({"value": [{**item, "clientState": given}]})
+        with pytest.raises(WebhookRejected) as refused:
+            check_client_state(forged, expected)
+        assert refused.value.reason == reason and refused.value.http_status == 401
+        assert "other" not in refused.value.message
+    resco, many = parse_notifications({"value": [
+        {**item, "resource": "api/Resco/RescoIntegrations/v2.0/companies(x)/RescoCustomer('C''1')"},
+        {**item, "changeType": "collection", "resource": "api/v2.0/companies(x)/customers"
+                                                         "?$filter=lastModifiedDateTime gt "
+                                                         "2024-01-01T00:00:00Z"}]})
+    assert resco.key == "C'1" and resco.api == "Resco/RescoIntegrations/v2.0"
+    assert many.key is None and many.change_type == "collection"
+
+
+@pytest.mark.parametrize("body", [[], {}, {"value": {}}, {"value": ["x"]}, "text", None])
+def test_a_body_that_is_not_a_notification_is_malformed(body):
+    with pytest.raises(WebhookRejected) as refused:
+        parse_notifications(body)
+    assert (refused.value.reason, refused.value.http_status) == ("malformed", 400)
+
+
+def test_a_resource_that_names_no_entity_set_is_refused():
+    with pytest.raises(WebhookRejected) as refused:
+        parse_notifications({"value": [{"clientState": "s", "resource": "/etc/passwd"}]})
+    assert refused.value.reason == "unknown_resource"
+
+
+@pytest.mark.parametrize(("listen", "address"), [
+    ("8790", ("127.0.0.1", 8790)), (":8790", ("127.0.0.1", 8790)),
+    ("0.0.0.0:8790", ("0.0.0.0", 8790)), ("[::1]:0", ("::1", 0)),
+    ("localhost:1", ("localhost", 1))])
+def test_listen_without_a_host_means_127_0_0_1(listen, address):
+    assert BusinessCentralConnection.Webhooks.split_listen(listen) == address
+
+
+@pytest.mark.parametrize("listen", ["x", "::1:80", "host:99999", "host:", ""])
+def test_a_listen_that_is_no_address_is_a_config_error(listen):
+    with pytest.raises(ValidationError, match="listen"):
+        BusinessCentralConnection.Webhooks(notification_url="https://x", listen=listen)
+
+
+def test_key_index_keeps_suspects_of_known_live_records_only(tmp_path):
+    index = KeyIndex("bc", f"sqlite:///{tmp_path}/index.db")
+    index.record("customers", [IndexRow(f"id{i}", {"id": f"id{i}"}, str(i)) for i in range(3)])
+    assert index.suspect("customers", ["id1", "id2", "id1", "unknown"]) == 2
+    assert index.suspect("customers", ["id1"]) == 0  # already a suspect
+    assert index.suspects("customers") == ["id1", "id2"]
+    assert index.pending("customers", 0) == []  # a suspect is no deletion
+    index.clear_suspects("customers", ["id1"])
+    assert index.suspects("customers") == ["id2"]
+    assert index.suspects("vendors") == []
+    index.close()
 
 
 def test_key_index_tombstones_reconciles_and_purges(tmp_path):

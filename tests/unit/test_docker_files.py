@@ -378,6 +378,9 @@ def test_sync_yaml_loads_in_the_workers_environment():
     config = load_sync_yaml()
     assert urlsplit(config.broker.url).hostname == "rabbitmq"
     assert config.metrics.port == 9464
+    # Prometheus scrapes worker:9464 over the compose network: the host is explicit,
+    # the default (127.0.0.1) would be reachable from inside the container only.
+    assert config.metrics.host == "0.0.0.0" and "host: 0.0.0.0" in SYNC_YAML.read_text()
     # Every ${VAR} it uses comes from that environment, not from the host's.
     used = set(re.findall(r"\$\{(\w+)", SYNC_YAML.read_text()))
     assert used <= set(service_env("worker")), used - set(service_env("worker"))

@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bus.health import HealthServer
 from bus.metrics import Metrics, record_throttle
+from schemas.config import MetricsConfig
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -96,3 +97,32 @@ def test_a_crashing_probe_answers_503_with_the_error():
         assert answer.status_code == 503 and "boom" in answer.json()["error"]
     finally:
         server.close()
+
+
+def test_refused_webhook_notifications_are_counted_by_connection_and_reason():
+    metrics = Metrics(["erp"])
+    metrics.webhook_rejected("erp", "wrong_client_state")
+    metrics.webhook_rejected("erp", "wrong_client_state")
+    metrics.webhook_rejected("erp", "missing_client_state")
+    got = _samples(metrics)
+    assert got["syncbus_webhook_rejected_total",
+               (("connection", "erp"), ("reason", "wrong_client_state"))] == 2
+    assert got["syncbus_webhook_rejected_total",
+               (("connection", "erp"), ("reason", "missing_client_state"))] == 1
+    metrics.close()
+
+
+def test_the_health_server_listens_on_loopback_unless_told_otherwise():
+    assert MetricsConfig().host == "127.0.0.1"
+    server = HealthServer(Metrics(), liveness=lambda: (True, {}), readiness=lambda: (True, {}))
+    try:
+        assert server.host == "127.0.0.1"
+        assert httpx.get(f"http://127.0.0.1:{server.port}/healthz").status_code == 200
+    finally:
+        server.close()
+    everywhere = HealthServer(Metrics(), liveness=lambda: (True, {}),
+                              readiness=lambda: (True, {}), host="0.0.0.0")
+    try:
+        assert everywhere.host == "0.0.0.0"  # only when configured
+    finally:
+        everywhere.close()
