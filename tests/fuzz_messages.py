@@ -273,8 +273,9 @@ class _Maker:
         """Keys and values that look like SQL or markup: stored verbatim or refused."""
         key = self.key()
         if self.rng.random() < 0.5:
-            text = self.rng.choice(["1; DROP TABLE items;--", "' OR '1'='1", "1 UNION SELECT 1"])
-            return self.signed("injection", event_body(text), dead="RecordRejected")
+            # Unique per message: events of one record key supersede each other.
+            text = self.rng.choice(["{}; DROP TABLE items;--", "{}' OR '1'='1", "{} UNION SELECT 1"])
+            return self.signed("injection", event_body(text.format(key)), dead="RecordRejected")
         name = self.rng.choice(["Robert'); DROP TABLE items;--", "<script>alert(1)</script>",
                                 "${jndi:ldap://x}", "%s%s%n", "\\x00 not a nul"])
         msg = self.signed("injection", event_body(key, record__name=name, record__qty=3),
