@@ -6,6 +6,11 @@ prefetch (≤ 65,535; with prefetch 0 only 2,000) unacknowledged messages, so a 
 queue is read through several channels at once. Returning many messages takes a
 quorum queue a moment, so closing the browser waits until they are back: the next
 command then sees the whole queue.
+
+Any message can be browsed: the AMQP decoders are hardened
+(:func:`bus.peek.harden_amqp_decoders`: a header table nested thousands of levels deep
+or an impossible timestamp would otherwise break the connection), and each message's
+headers are cut with :func:`bus.peek.cap_headers` before it is yielded.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from bus.peek import cap_headers, harden_amqp_decoders
 from bus.redact import redact_url
-from connectors.base import BrokerConnectionError
+from connectors.base import BrokerConnectionError, PermanentError
 
-__all__ = ["BROWSE_IDLE", "BROWSE_WINDOW", "Handle", "QueueBrowser", "RETURN_WAIT"]
+__all__ = ["BROWSE_IDLE", "BROWSE_WINDOW", "Handle", "NoSuchQueue", "QueueBrowser", "RETURN_WAIT"]
+
+harden_amqp_decoders()  # no header table may break the connection
 
 #: Seconds without a delivery after which a browse decides the queue is exhausted.
 BROWSE_IDLE = 1.0
@@ -35,6 +43,10 @@ BROWSE_WINDOW = 60_000
 Handle = tuple[Any, int]
 
 
+class NoSuchQueue(PermanentError):
+    """The queue does not exist (no worker declared the topology on this vhost yet)."""
+
+
 class QueueBrowser:
     """Reads a queue without acknowledging (see module docstring).
 
@@ -43,6 +55,7 @@ class QueueBrowser:
     """
 
     def __init__(self, url: str) -> None:
+        self.params_url = url
         self.params = pika.URLParameters(url)
         try:
             self.conn = pika.BlockingConnection(self.params)
@@ -55,6 +68,9 @@ class QueueBrowser:
         self._handles: dict[tuple[int, int], str] = {}
         #: Per channel: delivered, unacked tags in delivery (ascending) order.
         self._outstanding: dict[int, list[int]] = {}
+        #: Per queue: messages counted but not delivered before the browse went idle
+        #: (a consumer took them meanwhile, or the broker was slow): the read is incomplete.
+        self.missed: dict[str, int] = {}
 
     def __enter__(self) -> QueueBrowser:
         return self
@@ -80,23 +96,56 @@ class QueueBrowser:
                     time.sleep(0.1)
 
     def count(self, queue: str) -> int:
-        return int(self.channel.queue_declare(queue, passive=True).method.message_count)
+        """Messages ready in ``queue``.
+
+        Raises:
+            NoSuchQueue: the queue does not exist.
+            BrokerConnectionError: the connection broke.
+        """
+        try:
+            return int(self.channel.queue_declare(queue, passive=True).method.message_count)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self.channel = self.conn.channel()
+            if exc.reply_code == 404:
+                raise NoSuchQueue(f"no queue {queue!r} on {redact_url(self.params_url)}: it "
+                                  "is created when a worker starts (syncbus run)") from exc
+            raise self._lost(queue, exc) from exc
+        except pika.exceptions.AMQPError as exc:
+            raise self._lost(queue, exc) from exc
 
     def browse(self, queue: str) -> Iterator[tuple[Handle, pika.BasicProperties, bytes]]:
-        """Every message of ``queue`` once, unacknowledged: (handle for ack, properties, body)."""
+        """Every message of ``queue`` once, unacknowledged: (handle for ack, properties, body).
+
+        The properties' headers are capped (:func:`bus.peek.cap_headers`).
+
+        Raises:
+            NoSuchQueue: the queue does not exist.
+            BrokerConnectionError: the connection broke while browsing.
+        """
         expected = self.count(queue)
         if not expected:
             return
         self._returning[queue] = expected
         inbox: deque[tuple[Handle, pika.BasicProperties, bytes]] = deque()
-        channels = [self.conn.channel() for _ in range(-(-expected // BROWSE_WINDOW))]
-        for channel in channels:
-            channel.basic_qos(prefetch_count=BROWSE_WINDOW)
-            channel.basic_consume(queue, lambda ch, m, p, b: inbox.append(((ch, m.delivery_tag), p, b)))
+
+        def received(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            props.headers = cap_headers(props.headers)
+            inbox.append(((ch, method.delivery_tag), props, body))
+
+        try:
+            channels = [self.conn.channel() for _ in range(-(-expected // BROWSE_WINDOW))]
+            for channel in channels:
+                channel.basic_qos(prefetch_count=BROWSE_WINDOW)
+                channel.basic_consume(queue, received)
+        except pika.exceptions.AMQPError as exc:
+            raise self._lost(queue, exc) from exc
         seen, idle_since = 0, time.monotonic()
         while seen < expected and time.monotonic() - idle_since < BROWSE_IDLE:
             if not inbox:
-                self.conn.process_data_events(time_limit=0.1)
+                try:
+                    self.conn.process_data_events(time_limit=0.1)
+                except pika.exceptions.AMQPError as exc:
+                    raise self._lost(queue, exc) from exc
                 continue
             seen += 1
             item = inbox.popleft()
@@ -105,8 +154,14 @@ class QueueBrowser:
             self._outstanding.setdefault(id(channel), []).append(tag)
             yield item
             idle_since = time.monotonic()  # the caller's time is not idle time
+        if seen < expected:
+            self.missed[queue] = self.missed.get(queue, 0) + expected - seen
         # The channels stay open so the caller can still ack; closing the browser returns
         # whatever was not acked to the queue.
+
+    def _lost(self, queue: str, exc: BaseException) -> BrokerConnectionError:
+        return BrokerConnectionError(f"lost the connection to {redact_url(self.params_url)} "
+                                     f"while reading {queue}: {exc!r}")
 
     def ack_all(self, handles: Sequence[Handle]) -> None:
         """Acknowledge (remove) browsed messages; one frame per channel when possible."""

@@ -14,8 +14,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from bus.config import load_config
+from bus.peek import printable
 from bus.txlog import STATUSES, MoveResult, Transaction, TxFilter, TxLog, parse_since
 from connectors.base import BusError, ConfigError
 from schemas.config import parse_duration
@@ -78,6 +80,8 @@ def _run(log: TxLog, action: object) -> None:
         _err.print(f"syncbus: {exc.message}", markup=False)
         raise typer.Exit(1) from None
     finally:
+        for warning in log.warnings:
+            _err.print(f"warning: {warning}", markup=False, highlight=False)
         log.close()
 
 
@@ -112,17 +116,29 @@ def list_(
 
 
 def _table(found: list[Transaction], status: str) -> None:
-    out = Console()
+    """One row per transaction; unreadable bodies are listed again below with size,
+    first bytes and why. Every cell is plain text (no markup), control characters escaped."""
+    out = Console(highlight=False)
     if not found:
         out.print(f"no {status} transactions match")
         return
     table = Table("id", "link", "entity", "key", "op", "attempts",
                   "delivered" if status == "processed" else "when", "error", box=None)
     for t in found:
-        table.add_row(t.id, t.link or "?", t.entity or "?", t.key or "?", t.op or "?",
-                      str(t.attempts), (t.at or "")[:19], (t.error or "")[:70])
+        attempts = "?" if t.attempts is None else str(t.attempts)
+        key = "(unreadable)" if t.unreadable else t.key or "?"
+        error = t.error or (t.unreadable.reason if t.unreadable else "")
+        table.add_row(*(Text(printable(cell, width)) for cell, width in (
+            (t.id, 40), (t.link or "?", 30), (t.entity or "?", 30), (key, 40), (t.op or "?", 10),
+            (attempts, 10), ((t.at or "")[:19], 19), (error, 70))))
     out.print(table)
     out.print(f"{len(found)} {status} transaction(s)")
+    unreadable = [(t.id, t.unreadable) for t in found if t.unreadable]
+    if unreadable:
+        out.print(f"{len(unreadable)} with a body that cannot be read (archive them, or fix "
+                  "the publisher and replay): id, size, why, first bytes")
+        for tx_id, body in unreadable:
+            out.print(Text(printable(f"  {tx_id or '(no id)'}  {body.describe()}", 300)))
 
 
 @tx.command()

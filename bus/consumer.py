@@ -41,18 +41,18 @@ import structlog
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
-from bus.publisher import OutMessage, Publisher
-from bus.redact import redact_url
-from bus.topology import DEAD_EXCHANGE, LinkQueues
-from bus.wire import (
+from bus.peek import (
     ROUTING_KEY_RE,
     UNDECODABLE,
     body_bytes,
     count_header,
+    harden_amqp_decoders,
     safe_headers,
     time_header,
-    tolerate_undecodable_properties,
 )
+from bus.publisher import OutMessage, Publisher
+from bus.redact import redact_url
+from bus.topology import DEAD_EXCHANGE, LinkQueues
 from schemas.config import RetryPolicy
 
 __all__ = ["BatchConsumer", "Decision", "Delivery", "Settled", "Verdict", "headers"]
@@ -71,7 +71,7 @@ PAUSE_POLL = 0.2
 UNREADABLE = "Unreadable"
 
 _ROUTING_KEY_RE = ROUTING_KEY_RE
-tolerate_undecodable_properties()
+harden_amqp_decoders()  # no header or property may break the connection
 
 
 class headers:  # noqa: N801 - a namespace of header names
@@ -256,7 +256,7 @@ class BatchConsumer:
 
     def _consume(self, conn: Connection, stop: threading.Event) -> None:
         channel = conn.channel()
-        channel.auto_decode = False  # bodies stay the bytes that were sent (see bus.wire)
+        channel.auto_decode = False  # bodies stay the bytes that were sent (see bus.peek)
         channel.basic_qos(0, self.prefetch, False)
         consumer = Consumer(
             channel, queues=[Queue(self.queues.work, no_declare=True)],
@@ -481,13 +481,15 @@ def _delivery(message: Message) -> Delivery:
     """
     props = message.properties if isinstance(message.properties, dict) else {}
     raw_headers = message.headers if isinstance(message.headers, dict) else {}
-    body, problem = body_bytes(message.body, props.get("content_encoding"))
+    encoding = props.get("content_encoding")
+    body = body_bytes(message.body, encoding if isinstance(encoding, str) else None)
+    problem = None if body is not None else f"body is a {type(message.body).__name__}, not bytes"
     if UNDECODABLE in raw_headers:
         problem = f"AMQP properties could not be decoded ({raw_headers[UNDECODABLE]})"
     message_id = props.get("message_id")
     routing_key = (message.delivery_info or {}).get("routing_key", "")
     return Delivery(
-        body=body,
+        body=body or b"",
         headers=dict(raw_headers),
         routing_key=routing_key if isinstance(routing_key, str) else "",
         message_id=message_id if isinstance(message_id, str) else None,

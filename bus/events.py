@@ -29,6 +29,7 @@ from kombu import Connection, Consumer, Exchange, Queue
 from kombu.message import Message
 from pydantic import ValidationError
 
+from bus.peek import body_bytes, harden_amqp_decoders
 from bus.redact import redact_url
 from bus.topology import CHANGES_EXCHANGE
 from connectors.base import BrokerConnectionError, SchemaError
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+harden_amqp_decoders()  # no header table may break the connection
 
 #: Environment variable naming the broker when no URL is given.
 AMQP_URL_ENV = "SYNCBUS_AMQP_URL"
@@ -131,11 +134,12 @@ class EventMessage:
         """Wrap a kombu message."""
         headers = message.headers or {}
         offset = headers.get("x-stream-offset")
-        body = message.body
+        # py-amqp hands over str when content_encoding is set (and for an empty body).
+        body = body_bytes(message.body, message.content_encoding)
         return cls(
             routing_key=str(message.delivery_info.get("routing_key", "")),
-            body=body if isinstance(body, bytes) else str(body).encode(),
-            offset=int(offset) if offset is not None else None,
+            body=body if body is not None else b"",
+            offset=offset if isinstance(offset, int) else None,
             message_id=message.properties.get("message_id"),
         )
 

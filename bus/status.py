@@ -46,9 +46,10 @@ from rich.table import Table
 from rich.text import Text
 
 from bus.config import load_config
+from bus.peek import printable
 from bus.redact import redact_text, redact_url
 from bus.topology import DEAD_QUEUE, all_link_queues
-from bus.txlog import QueueBrowser, Transaction
+from bus.txlog import QueueBrowser, count_by_link
 from connectors.base import BusError, ConfigError
 from connectors.registry import open_connector
 from producers.state import StateStore
@@ -203,9 +204,9 @@ def dead_counts(config: SyncConfig, total: int, state: StateStore | None) -> dic
     counted: dict[str, int] = {}
     if total:
         with QueueBrowser(config.broker.url) as browser:
-            for _handle, props, body in browser.browse(DEAD_QUEUE):
-                link = Transaction.from_message("error", props, body).link or "?"
-                counted[link] = counted.get(link, 0) + 1
+            counted = count_by_link(browser, DEAD_QUEUE)  # headers only: any body will do
+        if browser.missed:
+            return counted  # an incomplete read: the counters are corrected next time
     if state is not None:
         with contextlib.suppress(BusError):  # shown anyway; corrected at the next status
             state.set_dead_counts(counted)
@@ -269,26 +270,26 @@ def render(report: StatusReport) -> RenderableType:
                          ": ", verdict)
     systems = Table("system", "", "detail", box=None, pad_edge=False)
     for c in (report.broker, report.state, *report.connections):
-        systems.add_row(c.name, _mark(c.ok), c.detail)
+        systems.add_row(_cell(c.name), _mark(c.ok), _cell(c.detail))
     detectors = Table("detector", "last poll", "last change", "cursor", "lag", "polled by",
                       "state", box=None, pad_edge=False)
     for d in report.detectors:
         failing = bool(d.last_error_at and (d.last_poll_at is None
                                             or d.last_error_at > d.last_poll_at))
-        detectors.add_row(d.name, _ago(d.last_poll_at, now), _ago(d.last_change_at, now),
-                          _short(d.cursor), "-" if d.lag is None else f"{d.lag:.0f}s",
-                          _short(d.polled_by, 30) if d.polled_by else "nobody",
+        detectors.add_row(_cell(d.name), _ago(d.last_poll_at, now), _ago(d.last_change_at, now),
+                          _cell(_short(d.cursor)), "-" if d.lag is None else f"{d.lag:.0f}s",
+                          _cell(_short(d.polled_by, 30) if d.polled_by else "nobody"),
                           _detector_state(d, failing))
     links = Table("link", "from → to", "pending", "retry", "error", "applied/min",
                   "last applied", "state", box=None, pad_edge=False)
     for lk in report.links:
-        links.add_row(lk.name, f"{lk.source} → {lk.target}", _n(lk.ready), _n(lk.retry),
-                      _n(lk.error), _n(lk.applied_last_minute), _ago(lk.last_applied_at, now),
+        links.add_row(_cell(lk.name), _cell(f"{lk.source} → {lk.target}"), _n(lk.ready),
+                      _n(lk.retry), _n(lk.error), _n(lk.applied_last_minute), _ago(lk.last_applied_at, now),
                       _link_state(lk))
     parts: list[RenderableType] = [head, "", systems, "", detectors, "", links]
     if report.problems:
         parts += ["", Text("problems:", style="bold red")]
-        parts += [Text(f"  - {p}") for p in report.problems]
+        parts += [Text(f"  - {printable(p, 500)}") for p in report.problems]
     return Group(*parts)
 
 
@@ -488,6 +489,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _cell(text: str) -> Text:
+    """Plain text for a table cell: no markup, control characters escaped."""
+    return Text(printable(text, 200))
 
 
 def _mark(ok: bool) -> Text:

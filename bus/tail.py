@@ -9,10 +9,18 @@ time (local) · routing key · key · version · changed fields (``*`` when the 
 does not tell which). History reads start each line with the stream offset
 (``#1234``), so a later read can continue with ``--from 1235``. With ``as_json``
 every event is printed as its raw CloudEvents JSON, one per line.
+
+Any message is shown, never a crash: one that is not a change event says why
+(``<not a change event: …>``), one whose body cannot be read at all says so with its
+size and first bytes (``unreadable (5 bytes): not JSON: …; starts with b'…'``); with
+``as_json`` the latter is a JSON line ``{"unreadable": {"size", "preview", "reason"},
+"routing_key", "offset", "message_id"}``. Text from the message is printed with its
+control characters escaped.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -24,9 +32,13 @@ from rich.text import Text
 
 from bus.events import EventMessage, watch
 from bus.history import Start, read_history
+from bus.peek import printable, read_body
 from connectors.base import SchemaError
 
-__all__ = ["format_event", "tail"]
+__all__ = ["format_event", "json_line", "tail"]
+
+#: Characters of a key or of the changed fields shown on a line.
+FIELD_CHARS = 200
 
 _OP_STYLES = {"upsert": "green", "delete": "red"}
 
@@ -80,7 +92,7 @@ def tail(
     try:
         for message in events:
             if as_json:
-                stream.write(message.body.decode("utf-8", "replace").strip() + "\n")
+                stream.write(json_line(message) + "\n")
                 stream.flush()
             else:
                 console.print(format_event(message))
@@ -102,27 +114,47 @@ def format_event(message: EventMessage) -> Text:
     try:
         event = message.event
     except SchemaError as exc:
-        line.append(f"{message.routing_key}  ", style="bold")
-        line.append(f"<{exc.message}>", style="yellow")
+        line.append(f"{printable(message.routing_key, FIELD_CHARS)}  ", style="bold")
+        body = read_body(message.body)
+        why = body.unreadable.describe() if body.unreadable else exc.message
+        ident = f"{body.fields.id or message.message_id or ''}"
+        line.append(printable(f"<{why}>", 2 * FIELD_CHARS), style="yellow")
+        if ident and not body.unreadable:
+            line.append(f"  id {printable(ident, 80)}")
         return line
     data = event.data
-    line.append(f"{_local_time(event.time)}  ", style="cyan")
-    line.append(message.routing_key, style=f"bold {_OP_STYLES.get(data.op, '')}".strip())
-    line.append(f"  {event.subject}  v{data.version}  ")
+    line.append(f"{printable(_local_time(event.time), 40)}  ", style="cyan")
+    line.append(printable(message.routing_key, FIELD_CHARS),
+                style=f"bold {_OP_STYLES.get(data.op, '')}".strip())
+    line.append(f"  {printable(event.subject, FIELD_CHARS)}  v{printable(data.version, 80)}  ")
     if data.op == "delete":
         line.append("(deleted)", style="red")
     elif data.changed is not None:
-        line.append(", ".join(data.changed) or "(no field changed)")
+        line.append(printable(", ".join(data.changed), FIELD_CHARS) or "(no field changed)")
     else:
         line.append("*", style="dim")
     return line
 
 
+def json_line(message: EventMessage) -> str:
+    """The ``as_json`` form of ``message``: its JSON on one line, or what is unreadable."""
+    body = read_body(message.body)
+    if body.unreadable is None:
+        # Valid JSON holds line breaks only as whitespace between tokens.
+        text = message.body.decode("utf-8").strip()
+        return text.replace("\r", " ").replace("\n", " ")
+    return json.dumps({
+        "unreadable": {"size": body.unreadable.size, "preview": body.unreadable.preview,
+                       "reason": body.unreadable.reason},
+        "routing_key": message.routing_key, "offset": message.offset,
+        "message_id": message.message_id}, default=str)
+
+
 def _local_time(stamp: str) -> str:
     try:
         when = datetime.fromisoformat(stamp)
-    except ValueError:
+        if when.tzinfo is not None:
+            when = when.astimezone()
+    except (ValueError, OverflowError, OSError):  # not ISO, or out of the local clock's range
         return stamp
-    if when.tzinfo is not None:
-        when = when.astimezone()
     return when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}"

@@ -14,13 +14,16 @@ Ctrl-C in the middle duplicates a transaction at worst and never loses one; dupl
 are harmless because consumers skip versions already applied.
 
 Browsing a queue consumes its messages without acknowledging them; they return to the
-queue, in order, when the browsing channel closes.
+queue, in order, when the browsing channel closes. Messages are read with
+:mod:`bus.peek`: one that cannot be read is listed as unreadable (size, first bytes,
+why), never skipped and never a crash; it can be archived or replayed like any other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,9 +31,10 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from bus.browse import Handle, QueueBrowser
+from bus.browse import BROWSE_IDLE, Handle, NoSuchQueue, QueueBrowser
 from bus.consumer import headers
 from bus.integrity import Signer
+from bus.peek import Unreadable, body_bytes, cap_headers, read_body, read_failure
 from bus.publisher import OutMessage, Publisher
 from bus.topology import ARCHIVE_QUEUE, DEAD_QUEUE, all_link_queues
 from producers.state import StateStore
@@ -39,6 +43,7 @@ from schemas.event import canonical_key
 
 __all__ = [
     "MoveResult",
+    "NoSuchQueue",
     "QueueBrowser",
     "STATUSES",
     "Transaction",
@@ -57,7 +62,11 @@ MOVE_CHUNK = 2000
 
 @dataclass(slots=True)
 class Transaction:
-    """One transaction of the log, as an operator sees it."""
+    """One transaction of the log, as an operator sees it.
+
+    Read with :mod:`bus.peek`, so any message gives one: an unreadable body is kept
+    as :attr:`unreadable` (size, first bytes, why) and its event fields stay None.
+    """
 
     id: str
     status: str
@@ -66,79 +75,93 @@ class Transaction:
     entity: str | None
     op: str | None
     key: str | None
-    version: Any = None
-    attempts: int = 0
+    version: int | str | None = None
+    #: Failed attempts; None when the header is there but not a number.
+    attempts: int | None = 0
     replays: int = 0
     first_failure: str | None = None
     last_failure: str | None = None
     error_class: str | None = None
     error: str | None = None
     response: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, str]] = field(default_factory=list)
     at: str | None = None
+    #: Deliveries before RabbitMQ's delivery limit dead-lettered it (None: not that case).
+    deliveries: int | None = None
+    #: Why the body cannot be read (None: it can, or there is none, as for Processed).
+    unreadable: Unreadable | None = None
+    #: The event as parsed JSON when readable and small enough to show whole.
+    event: dict[str, Any] | None = field(default=None, repr=False)
+    size: int = 0
+    preview: str = field(default="", repr=False)
     headers: dict[str, Any] = field(default_factory=dict, repr=False)
     body: bytes = field(default=b"", repr=False)
 
     @classmethod
-    def from_message(cls, status: str, props: pika.BasicProperties, body: bytes) -> Transaction:
-        """Read a dead-lettered, archived or retried message."""
-        hdrs = dict(props.headers or {})
-        routing_key = str(hdrs.get(headers.ROUTING_KEY) or "")
-        link = hdrs.get(headers.LINK)
-        error, error_class = hdrs.get(headers.ERROR), hdrs.get(headers.ERROR_CLASS)
-        death = _death(hdrs)
-        if death and not error:  # dead-lettered by RabbitMQ itself
-            reason, count = death.get("reason", "?"), death.get("count", 1)
-            error_class = f"Broker.{reason}"
-            error = (f"dead-lettered by RabbitMQ: {reason} after {count} deliveries "
-                     "(the message kept crashing or stalling the consumer)")
-            queue = str(hdrs.get("x-first-death-queue") or death.get("queue") or "")
-            link = link or _link_of_queue(queue)
-            routing_key = routing_key or _first(death.get("routing-keys"))
-        tx = cls(
-            id=str(props.message_id or ""), status=status, link=link, routing_key=routing_key,
-            entity=None, op=None, key=None, attempts=int(hdrs.get(headers.ATTEMPTS, 0) or 0),
-            replays=int(hdrs.get(headers.REPLAYS, 0) or 0),
-            first_failure=hdrs.get(headers.FIRST_FAILURE),
-            last_failure=hdrs.get(headers.LAST_FAILURE) or (death or {}).get("time-iso"),
-            error_class=error_class, error=error, response=hdrs.get(headers.RESPONSE),
-            history=list(hdrs.get(headers.HISTORY) or []),
-            at=hdrs.get(headers.ARCHIVED_AT) if status == "archived" else hdrs.get(
-                headers.LAST_FAILURE),
-            headers=hdrs, body=body,
-        )
-        tx._read_event()
-        return tx
+    def from_message(cls, status: str, props: pika.BasicProperties, body: bytes, *,
+                     delivery_limit: int | None = None) -> Transaction:
+        """Read a dead-lettered, archived or retried message; never raises.
 
-    def _read_event(self) -> None:
-        parts = self.routing_key.split(".")
-        if len(parts) == 3:
-            self.entity, self.op = parts[1], parts[2]
-        try:
-            data = json.loads(self.body)["data"]
-            self.key = canonical_key(data["key"])
-            self.version = data.get("version")
-            self.entity = data.get("entity") or self.entity
-            self.op = data.get("op") or self.op
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # not a valid event: shown as is, its error says why
+        Args:
+            delivery_limit: The link queues' ``x-delivery-limit``, to tell how often a
+                message RabbitMQ dead-lettered itself was delivered.
+        """
+        hdrs = cap_headers(props.headers)
+        failure = read_failure(hdrs, delivery_limit)
+        read = read_body(body)
+        fields = read.fields
+        entity, op = None, None
+        parts = failure.routing_key.split(".")
+        if len(parts) == 3 and read.unreadable is None:
+            entity, op = parts[1], parts[2]
+        return cls(
+            id=_text_or_none(props.message_id) or fields.id or "", status=status,
+            link=failure.link, routing_key=failure.routing_key,
+            entity=fields.entity or entity, op=fields.op or op, key=fields.key,
+            version=fields.version, attempts=failure.attempts, replays=failure.replays,
+            first_failure=failure.first_failure, last_failure=failure.last_failure,
+            error_class=failure.error_class, error=failure.error, response=failure.response,
+            history=failure.history, deliveries=failure.deliveries,
+            at=failure.archived_at if status == "archived" else failure.last_failure,
+            unreadable=read.unreadable, event=read.value, size=read.size, preview=read.preview,
+            headers=hdrs, body=body if isinstance(body, bytes) else body_bytes(body) or b"",
+        )
+
+    @property
+    def problem(self) -> str:
+        """The error and, for an unreadable body, why it cannot be read: what
+        ``--error-contains`` searches."""
+        parts = [self.error or "", self.unreadable.describe() if self.unreadable else ""]
+        return "; ".join(p for p in parts if p)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready view (the event parsed when it is JSON, else its text)."""
-        out = {k: getattr(self, k) for k in (
+        """A JSON-ready view: the event parsed, or what can be said about the body.
+
+        ``event`` is the parsed event (None for Processed ones and unreadable bodies);
+        an unreadable body adds ``unreadable: {size, preview, reason}``, a readable one
+        too large to show whole (over 64 KiB) adds ``event_preview: {size, preview}``.
+        """
+        out: dict[str, Any] = {k: getattr(self, k) for k in (
             "id", "status", "link", "routing_key", "entity", "op", "key", "version", "attempts",
             "replays", "first_failure", "last_failure", "error_class", "error", "response",
-            "history", "at")}
-        try:
-            out["event"] = json.loads(self.body)
-        except ValueError:
-            out["event"] = self.body.decode("utf-8", "replace")
+            "history", "at", "deliveries")}
+        out["event"] = self.event
+        if self.unreadable is not None:
+            out["unreadable"] = {"size": self.unreadable.size,
+                                 "preview": self.unreadable.preview,
+                                 "reason": self.unreadable.reason}
+        elif self.event is None and self.size:
+            out["event_preview"] = {"size": self.size, "preview": self.preview}
         return out
 
 
 @dataclass(slots=True)
 class TxFilter:
-    """Which transactions a command acts on; every given criterion must match."""
+    """Which transactions a command acts on; every given criterion must match.
+
+    An unreadable transaction has no entity or key: those criteria never match it;
+    ``error_contains`` also searches why its body cannot be read.
+    """
 
     ids: set[str] = field(default_factory=set)
     link: str | None = None
@@ -156,9 +179,11 @@ class TxFilter:
             return False
         if self.key and not _key_matches(self.key, tx.key):
             return False
-        if self.since and (tx.at is None or _parse_time(tx.at) < self.since):
-            return False
-        return not self.error_contains or self.error_contains.lower() in (tx.error or "").lower()
+        if self.since:
+            when = _time_or_none(tx.at)
+            if when is None or when < self.since:
+                return False
+        return not self.error_contains or self.error_contains.lower() in tx.problem.lower()
 
     @property
     def empty(self) -> bool:
@@ -189,6 +214,8 @@ class TxLog:
         self.config = config
         self.url = config.broker.url
         self._state: StateStore | None = None
+        #: Per queue: messages a read missed (see :attr:`QueueBrowser.missed`).
+        self._missed: dict[str, int] = {}
 
     @property
     def state(self) -> StateStore:
@@ -210,9 +237,9 @@ class TxLog:
             return self._processed(flt, limit)
         found = []
         for queue in self._queues(status):
-            with self._browser() as browser:
-                for _tag, props, body in browser.browse(queue):
-                    tx = Transaction.from_message(status, props, body)
+            with self._browser() as browser, contextlib.suppress(NoSuchQueue):
+                for _tag, props, body in browser.browse(queue):  # none before it is declared
+                    tx = self._read(status, props, body)
                     if flt.match(tx):
                         found.append(tx)
                         if limit and len(found) >= limit:
@@ -233,13 +260,13 @@ class TxLog:
             row = counts.setdefault(link or "?", dict.fromkeys(STATUSES, 0))
             row[status] += n
 
-        for status in ("error", "archived"):
-            for tx in self.select(status):
-                add(tx.link, status)
         with self._browser() as browser:
+            for status, queue in (("error", DEAD_QUEUE), ("archived", ARCHIVE_QUEUE)):
+                for link_name, n in count_by_link(browser, queue).items():
+                    add(link_name, status, n)
             for name, link in self.config.links.items():
                 for lq in all_link_queues(name, link):
-                    add(name, "pending", sum(browser.count(q) for q in
+                    add(name, "pending", sum(_ready(browser, q) for q in
                                              (lq.work, *(r for _, r in lq.retries))))
         for link_name, n in self.state.processed_counts().items():
             add(link_name, "processed", n)
@@ -262,7 +289,7 @@ class TxLog:
                  for lq in all_link_queues(n, lk)}
 
         def copy(tx: Transaction) -> OutMessage | str:
-            queue = str(tx.headers.get(headers.QUEUE) or _work_queue(tx.link) or "")
+            queue = read_failure(tx.headers).queue or _work_queue(tx.link) or ""
             if queue not in known:
                 return f"unknown link {tx.link!r} (not in this config)"
             hdrs = {k: v for k, v in tx.headers.items()
@@ -299,9 +326,10 @@ class TxLog:
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
 
         def drop(tx: Transaction) -> None | str:
-            if tx.at is None or _parse_time(tx.at) >= cutoff:
-                return "younger than the cut-off"
-            return None
+            when = _time_or_none(tx.at)
+            if when is None:
+                return "no readable archive time"
+            return "younger than the cut-off" if when >= cutoff else None
 
         return self._move(ARCHIVE_QUEUE, "archived", flt, drop, progress)
 
@@ -323,7 +351,7 @@ class TxLog:
                 chunk: list[tuple[Handle, OutMessage | None]] = []
                 try:
                     for tag, props, body in browser.browse(queue):
-                        tx = Transaction.from_message(status, props, body)
+                        tx = self._read(status, props, body)
                         if not flt.match(tx):
                             continue
                         out = copy(tx)
@@ -373,8 +401,42 @@ class TxLog:
                     for _, r in lq.retries]
         raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
 
-    def _browser(self) -> QueueBrowser:
-        return QueueBrowser(self.url)
+    @contextlib.contextmanager
+    def _browser(self) -> Iterator[QueueBrowser]:
+        with QueueBrowser(self.url) as browser:
+            try:
+                yield browser
+            finally:
+                for queue, n in browser.missed.items():
+                    self._missed[queue] = self._missed.get(queue, 0) + n
+
+    @property
+    def warnings(self) -> list[str]:
+        """Reads so far that may be incomplete (see :attr:`QueueBrowser.missed`)."""
+        return [f"{n} message(s) counted in {queue} were not delivered within "
+                f"{BROWSE_IDLE:g}s (taken by a consumer meanwhile, or slow to deliver): the "
+                "result may be incomplete; run the command again"
+                for queue, n in self._missed.items()]
+
+    def _read(self, status: str, props: pika.BasicProperties, body: bytes) -> Transaction:
+        return Transaction.from_message(status, props, body,
+                                        delivery_limit=self.config.broker.delivery_limit)
+
+
+def count_by_link(browser: QueueBrowser, queue: str) -> dict[str, int]:
+    """Messages of ``queue`` per link ("?" when unknown), from their headers only.
+
+    Raises:
+        BrokerConnectionError: the connection broke while browsing.
+    """
+    counts: dict[str, int] = {}
+    try:
+        for _handle, props, _body in browser.browse(queue):
+            link = read_failure(props.headers).link or "?"
+            counts[link] = counts.get(link, 0) + 1
+    except NoSuchQueue:
+        pass  # no worker declared the topology yet: nothing in it
+    return counts
 
 
 class _InFlight:
@@ -411,6 +473,21 @@ def _parse_time(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _time_or_none(value: str | None) -> datetime | None:
+    """An ISO time from a header, or None when there is none or it is not one."""
+    try:
+        return _parse_time(value) if value else None
+    except ValueError:
+        return None
+
+
+def _text_or_none(value: object) -> str | None:
+    """A message property as text (pika hands over bytes when it is not UTF-8)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return None if value is None else str(value)
+
+
 def _iso(value: Any) -> str:
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
@@ -424,32 +501,19 @@ def _key_matches(wanted: str, key: str | None) -> bool:
     if wanted.startswith("{"):
         try:
             return canonical_key(json.loads(wanted)) == key
-        except ValueError:
+        except (ValueError, AttributeError, TypeError, RecursionError):
             return False
     try:
         return any(str(v) == wanted for v in json.loads(key).values())
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):
         return False
 
 
-def _death(hdrs: dict[str, Any]) -> dict[str, Any] | None:
-    deaths = hdrs.get("x-death")
-    if not isinstance(deaths, list) or not deaths:
-        return None
-    death = dict(deaths[0])  # most recent first
-    stamp = death.get("time")
-    if isinstance(stamp, datetime):
-        death["time-iso"] = _iso(stamp)
-    return death
-
-
-def _first(values: Any) -> str:
-    return str(values[0]) if isinstance(values, list) and values else ""
-
-
-def _link_of_queue(queue: str) -> str | None:
-    parts = queue.split(".")
-    return parts[2] if len(parts) == 4 and parts[:2] == ["syncbus", "link"] else None
+def _ready(browser: QueueBrowser, queue: str) -> int:
+    try:
+        return browser.count(queue)
+    except NoSuchQueue:
+        return 0  # not declared yet: nothing waits in it
 
 
 def _work_queue(link: str | None) -> str | None:

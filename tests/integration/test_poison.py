@@ -152,8 +152,7 @@ def test_thousands_of_hostile_messages_never_stall_the_link_and_lose_nothing(
     status = run_cli("status", "--config", config)
     assert status.returncode == 1, status.stderr[-2000:]  # 1: something needs attention
     assert f"{len(dead_expected)} transaction(s) in error" in status.stdout
-    for args in (["tx", "list"], ["tx", "list", "--json"], ["tx", "stats"],
-                 ["tx", "list", "--status", "all"]):
+    for args in (["tx", "list"], ["tx", "list", "--json"], ["tx", "stats"]):
         result = run_cli(*args, "--config", config)
         assert result.returncode == 0, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -11,12 +12,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import yaml
+from kombu import Connection
 
 from bus import app
 from bus.config import load_config
 from bus.status import collect_status, show_status
+from bus.topology import DEAD_EXCHANGE, declare_topology
 from bus.txlog import TxFilter, TxLog
 from bus.worker import Worker
+from tests.hostile import hostile_cases, publish, valid_cases
 from tests.proxy import TcpProxy
 from tests.support import pick_free_port, wait_for
 from tests.syncenv import ROOT, insert_items, make_env, table_rows
@@ -43,7 +47,8 @@ def _quiet():
 
 def _cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bus.cli", "status", "--config", str(path),
-                           *args], cwd=ROOT, text=True, capture_output=True, timeout=120)
+                           *args], cwd=ROOT, text=True, capture_output=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
 
 
 def _sync(env) -> int:
@@ -208,3 +213,28 @@ def test_errors_per_link_stay_right_across_failures_replays_and_archives(
         log.close()
     expected = {k: v for k, v in table_rows(env.source()).items() if k != 17}
     assert table_rows(env.target()) == expected
+
+
+def test_status_of_every_config_on_the_broker_survives_hostile_dead_letters(
+        tmp_path, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/a.db",
+                   target_url=f"sqlite:///{tmp_path}/b.db", amqp_url=amqp_url)
+    config = yaml.safe_load(env.config_path.read_text())
+    config["links"] = {"copy": config["links"]["items"]}
+    other = tmp_path / "other.yaml"  # a second config sharing the broker (and syncbus.dead)
+    other.write_text(yaml.safe_dump(config))
+    for path in (env.config_path, other):
+        with Connection(amqp_url) as conn:
+            declare_topology(conn, load_config(path).config)
+    cases = valid_cases() + hostile_cases()
+    publish(amqp_url, DEAD_EXCHANGE, "src.items.upsert", cases)
+
+    for path, link, errors in ((env.config_path, "items", len(cases)), (other, "copy", 0)):
+        result = _cli(path, "--json", "--no-probe")
+        assert result.returncode == 1 and not result.stderr, result.stderr  # unhealthy, no crash
+        report = json.loads(result.stdout)
+        assert report["broker"]["ok"], report["broker"]
+        assert [(lk["name"], lk["error"]) for lk in report["links"]] == [(link, errors)]
+        table = _cli(path, "--no-probe")
+        assert table.returncode == 1 and not table.stderr, table.stderr
+        assert (f"{errors} transaction(s) in error" in table.stdout) == bool(errors)

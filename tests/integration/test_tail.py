@@ -11,9 +11,13 @@ import time
 import pytest
 import sqlalchemy as sa
 from jsonschema import Draft202012Validator
+from kombu import Connection
 
 from bus import app
+from bus.config import load_config
+from bus.topology import CHANGES_EXCHANGE, declare_topology
 from schemas.event import SCHEMA_FILE
+from tests.hostile import Case, event_body, hostile_cases, publish
 from tests.syncenv import ROOT, insert_items, make_env
 
 pytestmark = pytest.mark.integration
@@ -100,3 +104,32 @@ def test_tail_explains_bad_arguments_and_a_missing_history(env, amqp_url):
     missing = _tail("--from", "first", "--amqp-url", amqp_url)  # no worker ran yet
     _, err = missing.communicate(timeout=60)
     assert missing.returncode == 1 and "no history stream" in err
+
+
+def test_tail_shows_every_hostile_message_of_the_history_and_goes_on(env, amqp_url):
+    with Connection(amqp_url) as conn:
+        declare_topology(conn, load_config(env.config_path).config)  # the history stream
+    cases = [Case("ok-1", event_body(1)), *hostile_cases(), Case("ok-2", event_body(2))]
+    publish(amqp_url, CHANGES_EXCHANGE, "src.items.upsert", cases)
+
+    lines = _output(_tail("--amqp-url", amqp_url, "--from", "first", "--idle", "2"))
+    assert len(lines) == len(cases), lines
+    for offset, (case, line) in enumerate(zip(cases, lines, strict=True)):
+        assert line.startswith(f"#{offset}  "), line
+        assert len(line) < 600 and "\x1b" not in line and "\x00" not in line
+        if case.reason:
+            assert f"<unreadable ({len(case.body)} bytes): {case.reason}" in line, line
+        elif case.message_id in ("ok-1", "ok-2"):
+            assert line.split()[3:5] == ["src.items.upsert", f'{{"id":{case.message_id[-1]}}}']
+    (odd,) = [ln for case, ln in zip(cases, lines, strict=True) if case.message_id is None]
+    assert "<not a change event: " in odd and odd.endswith("  id 5")  # an integer id as text
+
+    raw = _output(_tail("--amqp-url", amqp_url, "--from", "first", "--idle", "2", "--json"))
+    assert len(raw) == len(cases)
+    for offset, (case, line) in enumerate(zip(cases, raw, strict=True)):
+        shown = json.loads(line)
+        if case.reason:
+            assert case.reason in shown["unreadable"]["reason"]
+            assert (shown["offset"], shown["routing_key"]) == (offset, "src.items.upsert")
+        else:
+            assert shown == json.loads(case.body), line[:200]

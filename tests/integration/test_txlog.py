@@ -21,6 +21,7 @@ from bus.publisher import OutMessage, Publisher
 from bus.topology import CHANGES_EXCHANGE, DEAD_EXCHANGE, DEAD_QUEUE
 from bus.txlog import QueueBrowser, TxFilter, TxLog, parse_since
 from schemas.event import dumps, new_event
+from tests.hostile import BIG, Case, hostile_cases, publish, valid_cases
 from tests.proxy import TcpProxy
 from tests.support import wait_for
 from tests.syncenv import ROOT, insert_items, make_env, table_rows
@@ -33,7 +34,8 @@ NULLABLE_SOURCE = ("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty I
 
 def tx_cli(config, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bus.cli", "tx", *args, "--config", str(config)],
-                          cwd=ROOT, text=True, capture_output=True, timeout=timeout)
+                          cwd=ROOT, text=True, capture_output=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "300"})
 
 
 def _run(env) -> tuple[int, list[str]]:
@@ -163,39 +165,158 @@ def test_bad_input_is_dead_lettered_with_a_reason_and_the_consumer_keeps_going(
     assert 99 in table_rows(env.target())
 
 
-def test_a_poison_message_reaches_the_log_through_the_delivery_limit(tmp_path, amqp_url):
+def test_a_message_that_kills_the_consumer_shows_how_often_it_was_delivered(
+        tmp_path, amqp_url):
     env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/s.db",
                    target_url=f"sqlite:///{tmp_path}/t.db", amqp_url=amqp_url)
+    env.config_path.write_text(env.config_path.read_text().replace(
+        "broker:\n", "broker:\n  delivery_limit: 3\n", 1))
     config = load_config(env.config_path).config
-    config.broker.delivery_limit = 2
+    assert config.broker.delivery_limit == 3
+    _declare(config)
+    publish(amqp_url, CHANGES_EXCHANGE, "src.items.upsert", [Case("poison", b'{"poison": 1}')])
+    deliveries = 0
+    for _ in range(10):  # a consumer process that dies on it each time: never settled
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        channel = conn.channel()
+
+        def delivered_or_dead(channel=channel) -> str | None:
+            if channel.basic_get("syncbus.link.items.a2b")[0] is not None:
+                return "delivered"
+            return "dead" if _count(amqp_url, DEAD_QUEUE) else None
+
+        outcome = wait_for(delivered_or_dead, timeout=10, message="neither back nor dead")
+        conn.close()  # killed: the broker puts the unacked message back and counts it
+        if outcome == "dead":
+            break
+        deliveries += 1
+    assert deliveries == 4  # the broker dead-letters it on the delivery after the limit
+
+    for _browse in range(2):  # browsing the dead-letter queue does not change the count
+        result = tx_cli(env.config_path, "list", "--json")
+        assert result.returncode == 0, result.stderr
+        (dead,) = json.loads(result.stdout)
+        assert (dead["id"], dead["link"], dead["error_class"], dead["deliveries"]) == (
+            "poison", "items", "Broker.delivery_limit", 4)
+        assert "delivered 4 times without being settled (delivery_limit 3)" in dead["error"]
+        assert dead["last_failure"] and dead["routing_key"] == "src.items.upsert"
+
+
+def _declare(config) -> None:
     from kombu import Connection
 
     from bus.topology import declare_topology
-    with Connection(amqp_url) as conn:
+    with Connection(config.broker.url) as conn:
         declare_topology(conn, config)
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    channel = conn.channel()
-    channel.basic_publish(CHANGES_EXCHANGE, "src.items.upsert", b'{"poison": true}',
-                          pika.BasicProperties(message_id="poison", delivery_mode=2))
-    rejected = 0
-    for _ in range(100):  # a consumer that dies on it each time: delivered, never settled
-        method, _props, _body = channel.basic_get("syncbus.link.items.a2b")
-        if method is None:
-            time.sleep(0.05)  # the requeued message is on its way back, or dead-lettered
-            continue
-        channel.basic_reject(method.delivery_tag, requeue=True)
-        rejected += 1
-        if rejected > config.broker.delivery_limit:
-            break
-    conn.close()
-    assert rejected == config.broker.delivery_limit + 1  # the broker stops redelivering it
 
-    log = TxLog(config)
-    dead = wait_for(lambda: log.select("error"), timeout=10, message="not dead-lettered")
-    log.close()
-    assert dead[0].id == "poison" and dead[0].link == "items"
-    assert dead[0].error_class == "Broker.delivery_limit"
-    assert "dead-lettered by RabbitMQ: delivery_limit" in dead[0].error
+
+@pytest.fixture
+def poisoned(tmp_path, amqp_url):
+    """A config whose dead-letter queue holds two valid dead letters among hostile ones."""
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/s.db",
+                   target_url=f"sqlite:///{tmp_path}/t.db", amqp_url=amqp_url)
+    _declare(load_config(env.config_path).config)
+    cases = valid_cases() + hostile_cases()
+    publish(amqp_url, DEAD_EXCHANGE, "src.items.upsert", cases)
+    return env, cases
+
+
+def _id(case: Case) -> str:
+    return case.message_id or "5"  # the case without a message id has id 5 in its body
+
+
+def test_tx_list_shows_each_unreadable_dead_letter_with_size_first_bytes_and_why(poisoned):
+    env, cases = poisoned
+    result = tx_cli(env.config_path, "list")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"{len(cases)} error transaction(s)" in lines
+    unreadable = [c for c in cases if c.reason]
+    assert any(line.startswith(f"{len(unreadable)} with a body that cannot be read")
+               for line in lines)
+    for case in unreadable:
+        (line,) = [ln for ln in lines if ln.startswith(f"  {case.message_id}  unreadable (")]
+        assert f"({len(case.body)} bytes): {case.reason}" in line, line
+        assert len(line) < 400  # a 5 MB body shows its first bytes only
+    assert r"starts with b'\x00\x01\x02\x03" in result.stdout  # escaped, never raw
+    for key in (1, 2):
+        (row,) = [ln for ln in lines if ln.split()[:1] == [f"valid-{key}"]]
+        assert row.split()[1:5] == ["items", "items", f'{{"id":{key}}}', "upsert"], row
+    (odd,) = [ln for ln in lines if ln.split()[:1] == ["5"]]  # ints and lists as text
+    assert odd.split()[1:6] == ["items", "7", "[9]", "1", "1"], odd
+    (bad,) = [ln for ln in lines if ln.split()[:1] == ["attempts-abc"]]
+    assert bad.split()[5] == "?"
+    # Markup and control characters from a message are printed as escaped plain text.
+    assert "\x1b" not in result.stdout and "\x00" not in result.stdout
+    assert r"[/red] \x1b[31mred\u202e" in result.stdout
+    assert r'{"id":"[/bold]\u001b[2J"}' in result.stdout
+
+
+def test_tx_list_json_show_stats_and_filters_read_every_hostile_dead_letter(poisoned):
+    env, cases = poisoned
+    result = tx_cli(env.config_path, "list", "--json")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert len(result.stdout) < 500_000  # the two 5 MB bodies are not printed whole
+    listed = {t["id"]: t for t in json.loads(result.stdout)}
+    assert set(listed) == {_id(c) for c in cases}
+    for case in cases:
+        tx = listed[_id(case)]
+        assert tx["link"] == "items" and tx["status"] == "error"
+        if case.reason:
+            assert case.reason in tx["unreadable"]["reason"], tx
+            assert tx["unreadable"]["size"] == len(case.body)
+            assert (tx["event"], tx["entity"], tx["key"]) == (None, None, None)
+        else:
+            assert "unreadable" not in tx and tx["key"], tx
+    assert listed["valid-1"]["event"]["data"]["key"] == {"id": 1}
+    assert listed["valid-1"]["error"] == "boom" and listed["valid-1"]["attempts"] == 1
+    assert [listed["5"][f] for f in ("entity", "op", "key", "version")] == ["7", "1", "[9]", "[1]"]
+    assert listed["attempts-abc"]["attempts"] is None
+    assert listed["history-not-list"]["history"] == []
+    assert listed["error-bytes"]["error"] == "\\xff bad \x00"
+    assert listed["deep-header"]["event"]["data"]["key"] == {"id": 17}
+    assert listed["foreign-encoded"]["event"]["data"]["key"] == {"id": 18}
+    big = listed["big-event"]
+    assert big["event"] is None and big["key"] == '{"id":19}'
+    assert big["event_preview"]["size"] > BIG and big["event_preview"]["preview"].startswith('{"')
+
+    shown = tx_cli(env.config_path, "show", "deep-json")
+    assert shown.returncode == 0, shown.stderr
+    (deep,) = json.loads(shown.stdout)
+    assert deep["unreadable"] == {"size": 100_000, "preview": "[" * 64,
+                                  "reason": "nested deeper than 64 levels"}
+    stats = tx_cli(env.config_path, "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["items"]["error"] == len(cases)
+    table = tx_cli(env.config_path, "stats")
+    assert table.returncode == 0 and "items" in table.stdout
+
+    log = TxLog(load_config(env.config_path).config)
+    try:
+        readable = {_id(c) for c in cases if not c.reason}
+        assert {t.id for t in log.select("error", TxFilter(entity="items"))} == readable - {"5"}
+        assert [t.id for t in log.select("error", TxFilter(key="1"))] == ["valid-1"]
+        assert {t.id for t in log.select("error", TxFilter(error_contains="not json"))} == {
+            "not-json", "nul", "nan"}
+        assert {t.id for t in log.select("error", TxFilter(error_contains="unreadable"))} == {
+            c.message_id for c in cases if c.reason}
+        assert log.warnings == []
+    finally:
+        log.close()
+
+
+def test_unreadable_dead_letters_can_be_archived_and_stay_readable_as_unreadable(poisoned):
+    env, cases = poisoned
+    unreadable = {c.message_id for c in cases if c.reason}
+    result = tx_cli(env.config_path, "archive", "--error-contains", "unreadable")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(unreadable)} transaction(s) archived" in result.stdout
+
+    archived = json.loads(tx_cli(env.config_path, "list", "--status", "archived", "--json").stdout)
+    assert {t["id"] for t in archived} == unreadable
+    assert all(t["unreadable"]["reason"] and t["at"] for t in archived)
+    left = json.loads(tx_cli(env.config_path, "list", "--json").stdout)
+    assert {t["id"] for t in left} == {_id(c) for c in cases if not c.reason}
 
 
 @pytest.mark.slow
