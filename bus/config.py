@@ -184,6 +184,24 @@ def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
     return f"{where}: YAML syntax error: {what or exc}"
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true and false.
+
+    YAML 1.1 also reads ``yes``/``no``/``on``/``off`` as booleans, so a key field named
+    ``No`` (Business Central's number field) became ``false``. Boolean settings still
+    accept those words: the config models parse them.
+    """
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
+
+
 class _Walker:
     """Composes the YAML, indexes lines, interpolates string values, then constructs."""
 
@@ -206,7 +224,7 @@ class _Walker:
         Raises:
             ConfigError: the text is not valid YAML.
         """
-        self.loader = loader = yaml.SafeLoader(text)
+        self.loader = loader = _ConfigLoader(text)
         try:
             root = loader.get_single_node()
             if root is None:

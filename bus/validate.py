@@ -91,7 +91,8 @@ def validate_config(loaded: LoadedConfig, describe: Describe, *,
 
 
 def link_notes(loaded: LoadedConfig) -> list[str]:
-    """Things worth knowing that are not errors: fields that flow one way only."""
+    """Things worth knowing that are not errors: fields that flow one way only, and an
+    upload filter that deletes on side a."""
     notes = []
     for name, link in loaded.config.links.items():
         try:
@@ -104,6 +105,13 @@ def link_notes(loaded: LoadedConfig) -> list[str]:
                     ("links", name, "fields", target),
                     f"field {target!r} flows a → b only: {why} (set it in `b2a.fields` to map "
                     "it back)"))
+            if flow.direction == "b2a" and flow.filter_action == "delete":
+                notes.append(loaded.problem(
+                    ("links", name, "b2a", "filter_action"),
+                    f"a record of {flow.source.connection}.{flow.source.entity} that leaves "
+                    f"the upload filter is DELETED in {flow.target.connection}."
+                    f"{flow.target.entity} (side a); remove b2a.filter_action to only stop "
+                    "uploading it"))
     return notes
 
 

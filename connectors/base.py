@@ -232,6 +232,10 @@ class WriteRow:
 
     key: dict[str, Any]
     values: dict[str, Any]
+    #: Only change the record if it exists (a soft delete marks a row the target has);
+    #: a missing record is left alone and counts as applied. Connectors whose upsert
+    #: is an update for an existing record (HTTP PATCH) may treat it as an upsert.
+    update_only: bool = False
 
 
 class OutcomeStatus(enum.StrEnum):

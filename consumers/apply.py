@@ -175,6 +175,8 @@ class LinkApplier:
         self.stats = ApplyStats()
         self.on_batch = on_batch
         self._applied_times: list[str] = []
+        #: Source ids of this batch's records that the filter left out.
+        self._left_out: list[str] = []
         self._lookups = flow.lookups()
         self._links = dict(links or {})
         missing = sorted({p for p in self._lookups.values() if p not in self._links})
@@ -231,7 +233,13 @@ class LinkApplier:
         except TransientError as exc:
             return [self._fail(d, exc) for d in batch]
         decisions: list[Decision | None] = [None] * len(batch)
+        self._left_out = []
         items = self._plan(batch, decisions)
+        if self._left_out and self.tracked:
+            try:
+                self.state.mark_filtered(self.name, self.flow.source_side, self._left_out)
+            except TransientError as exc:  # children would wait for these parents
+                return [self._fail(d, exc) for d in batch]
         if items:
             self._apply(items, decisions)
         return [d if d is not None else Decision.ack() for d in decisions]
@@ -251,6 +259,7 @@ class LinkApplier:
         """
         self._ready()
         decisions: list[Decision | None] = [None] * len(batch)
+        self._left_out = []
         return self._plan(batch, decisions, strict=True), decisions
 
     def _plan(self, batch: Sequence[Delivery], decisions: list[Decision | None], *,
@@ -306,6 +315,8 @@ class LinkApplier:
             if marker is not None and record.get(marker.field) == marker.value:
                 item.op = "delete"  # soft-deleted by the other direction: a deletion here
             elif flow.filter is not None and not flow.filter.matches(record):
+                if item.source_id is not None:
+                    self._left_out.append(item.source_id)
                 if flow.filter_action == "ignore":
                     self.stats.filtered += 1
                     return None
@@ -367,18 +378,36 @@ class LinkApplier:
                 wanted.setdefault(parent, set()).add(value)
         found_ids = {parent: self.state.lookup_ids(parent, self._parent_side(parent), sorted(values))
                      for parent, values in wanted.items()}
-        ready = []
+        ready, waiting = [], []
         for item in items:
             missing = [(column, parent, value) for column, (parent, value) in item.lookups.items()
                        if value not in found_ids[parent]]
             if missing:
-                decisions[item.index] = self._waiting(item, missing)
+                waiting.append((item, missing))
                 continue
             for column, (parent, value) in item.lookups.items():
                 assert item.values is not None
                 item.values[column] = found_ids[parent][value]
             ready.append(item)
+        for item, missing in waiting:
+            decisions[item.index] = self._orphan(item, missing)
         return ready
+
+    def _orphan(self, item: _Item, missing: list[tuple[str, str, str]]) -> Decision:
+        """A record whose parent is not in the id map: filtered out by the parent link
+        (settled at once, per ``filtered_parents``), or not synced yet (it waits)."""
+        left_out = [(c, p, v) for c, p, v in missing
+                    if v in self.state.filtered_ids(p, self._parent_side(p), [v])]
+        if not left_out:
+            return self._waiting(item, missing)
+        what = "; ".join(f"{column}: the {parent!r} record with key {value!r} is left out by "
+                         f"link {parent!r}'s filter" for column, parent, value in left_out)
+        if self.link.filtered_parents == "skip":
+            self.stats.filtered += 1
+            self._log.info("parent_filtered_out", event_id=item.event_id, detail=what)
+            return Decision.ack()
+        return self._dead(item.delivery, MappingError(f"parent filtered out: {what}",
+                                                      entity=self.entity))
 
     def _key_from_pair(self, pair_key: str) -> dict[str, Any]:
         a_key: dict[str, Any] = json.loads(pair_key)
@@ -612,7 +641,8 @@ class LinkApplier:
         if upserts:
             marks = {soft.field: soft.value} if soft is not None else {}
             rows = [WriteRow(key=i.key, values=i.values or dict(i.key)) if i.op == "upsert"
-                    else WriteRow(key=i.key, values={**i.key, **marks}) for i in upserts]
+                    else WriteRow(key=i.key, values={**i.key, **marks}, update_only=True)
+                    for i in upserts]
             for item, outcome in zip(upserts, self.target.upsert(self.entity, rows), strict=True):
                 by_item[item.index] = outcome
                 if item.op == "upsert":

@@ -24,7 +24,7 @@ from connectors.base import ConfigError
 from schemas.config import DeletePolicy, Endpoint, FieldSpec, FilterAction, LinkConfig, SoftDelete
 from schemas.filter_expr import Filter, compile_filter
 
-__all__ = ["Flow", "flows", "side_fields"]
+__all__ = ["Flow", "filter_fields", "flows", "side_fields"]
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,9 @@ def _reverse(name: str, link: LinkConfig) -> Flow:
     return Flow(
         link=name, config=link, direction="b2a", source=link.target, target=link.source,
         key=key, specs=specs, filter=compile_filter(text) if text else None,
+        # An upload filter only decides what goes up; deleting on side a is explicit.
         filter_action=(over.filter_action if over is not None and over.filter_action
-                       else link.filter_action),
+                       else "ignore"),
         deletes=link.reverse_deletes,
         soft_delete=over.soft_delete if over is not None else None, one_way=one_way)
 
@@ -146,10 +147,10 @@ def side_fields(link_flows: list[Flow]) -> dict[str, frozenset[str]] | None:
     """The fields of each side (``a``, ``b``) a two-way link keeps in sync.
 
     A side's content hash covers exactly these: what the link reads there in one
-    direction and writes there in the other. None for identity maps (the consumer then
-    takes the fields both sides have).
+    direction and writes there in the other, and what its filters read there. None for
+    identity maps (the consumer then takes the fields both sides have, plus the filters').
     """
-    sides: dict[str, set[str]] = {"a": set(), "b": set()}
+    sides = filter_fields(link_flows)
     for flow in link_flows:
         if flow.specs is None:
             return None
@@ -159,4 +160,14 @@ def side_fields(link_flows: list[Flow]) -> dict[str, frozenset[str]] | None:
                 src.add(spec.from_)
                 dst.add(target)
     return {side: frozenset(names) for side, names in sides.items()}
+
+
+def filter_fields(link_flows: list[Flow]) -> dict[str, set[str]]:
+    """The fields each side's filters read: a change of one of them can move a record
+    into or out of the link, so the echo rule must compare them too."""
+    sides: dict[str, set[str]] = {"a": set(), "b": set()}
+    for flow in link_flows:
+        if flow.filter is not None:
+            sides[flow.source_side].update(flow.filter.fields)
+    return sides
 

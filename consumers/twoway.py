@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from connectors.base import ChangeRecord, Connector, EntityInfo, Op
-from consumers.flow import Flow, side_fields
+from consumers.flow import Flow, filter_fields, side_fields
 from consumers.mapping import FieldMapper
 from producers.state import StateStore
 from schemas.event import canonical_key, json_value
@@ -155,7 +155,8 @@ class LinkSides:
             a = self._describe(self.config.source.connection, self.config.source.entity)
             b = self._describe(self.config.target.connection, self.config.target.entity)
             common = frozenset(f.name for f in a.fields) & frozenset(f.name for f in b.fields)
-            self._fields = {"a": common, "b": common}
+            extra = filter_fields(self.flows)
+            self._fields = {"a": common | extra["a"], "b": common | extra["b"]}
         return self._fields[side]
 
     def _describe(self, connection: str, entity: str) -> EntityInfo:

@@ -9,6 +9,8 @@ Tables:
   (the ordering rule).
   ``syncbus_processed`` — the Processed transactions (history, kept for a retention
   period), so an operator can confirm that and when a record was delivered.
+  ``syncbus_filtered`` — records a lookup parent's filter left out (their children are
+  settled at once instead of waiting for a parent that will not come).
   ``syncbus_leases`` — which worker polls which source entity, so that several workers
   sharing a PostgreSQL state store never poll the same entity at once.
   ``syncbus_secrets`` — secrets the bus generated itself and must keep (e.g. the
@@ -125,6 +127,16 @@ conflicts = sa.Table(
     sa.Column("direction", sa.String(3), nullable=False),
     sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("resolved_by", sa.String(200), nullable=True),
+)
+
+filtered = sa.Table(
+    "syncbus_filtered",
+    metadata,
+    # A record a tracked link's filter left out, by its connector key on the side read.
+    sa.Column("link", sa.String(200), primary_key=True),
+    sa.Column("side", sa.String(1), primary_key=True),
+    sa.Column("source_id", sa.Text, primary_key=True),
+    sa.Column("filtered_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 PAIR_COLUMNS = ("a_id", "b_id", "a_hash", "b_hash", "a_version", "b_version")
@@ -393,6 +405,35 @@ class StateStore(OpsStateMixin):
             return {row[0]: row[1] for row in conn.execute(
                 sa.select(mine, other).where(pairs.c.link == link, mine.in_(list(set(ids))),
                                              other.is_not(None)))}
+
+    def mark_filtered(self, link: str, side: str, ids: Sequence[str]) -> None:
+        """Remember that ``link``'s filter left out the records ``ids`` of ``side`` (so a
+        child looking them up as its parent is settled at once, not retried).
+
+        Raises:
+            ConnectorUnavailable: the state store cannot be reached.
+        """
+        wanted = sorted(set(ids))
+        if not wanted:
+            return
+        now = _now()
+        with self._available(), self.engine.begin() as conn:
+            known = set(conn.scalars(sa.select(filtered.c.source_id).where(
+                filtered.c.link == link, filtered.c.side == side,
+                filtered.c.source_id.in_(wanted))))
+            fresh = [{"link": link, "side": side, "source_id": i, "filtered_at": now}
+                     for i in wanted if i not in known]
+            if fresh:
+                conn.execute(filtered.insert(), fresh)
+
+    def filtered_ids(self, link: str, side: str, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` (connector keys on ``side``) ``link``'s filter left out."""
+        if not ids:
+            return set()
+        with self._available(), self.engine.connect() as conn:
+            return set(conn.scalars(sa.select(filtered.c.source_id).where(
+                filtered.c.link == link, filtered.c.side == side,
+                filtered.c.source_id.in_(sorted(set(ids))))))
 
     def pair_keys_by_id(self, link: str, side: str, ids: Sequence[str]) -> dict[str, str]:
         """The pair keys of records known by their connector key on ``side`` (deletes)."""

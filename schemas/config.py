@@ -656,13 +656,23 @@ class Overrides(_Model):
     filter: str | None = Field(
         default=None, description="Upload filter: which records of b go to a (expression).")
     filter_action: FilterAction | None = Field(
-        default=None, description="What a record of b that leaves the filter does to a.")
+        default=None,
+        description="What a record of b that leaves the upload filter does to a: ignore "
+        "(the default: an upload filter only decides what is uploaded) or delete (deletes "
+        "the record on side a, the master: an explicit choice that needs b2a.filter).")
     deletes: DeletePolicy | None = Field(
         default=None, description="What a deletion in b does to a (default: the link's).")
     soft_delete: SoftDelete | None = Field(
         default=None, description="Field of a set by a soft delete.")
 
     _filter_ok = field_validator("filter")(_check_filter)
+
+    @model_validator(mode="after")
+    def _delete_needs_filter(self) -> Overrides:
+        if self.filter_action == "delete" and not self.filter:
+            raise ValueError("b2a.filter_action: delete needs b2a.filter (the upload filter "
+                             "whose leavers are deleted on side a)")
+        return self
 
 
 class LinkConfig(_Model):
@@ -706,6 +716,11 @@ class LinkConfig(_Model):
         default=None, description="With deletes: soft, the target field set on deletion.")
     b2a: Overrides | None = Field(
         default=None, description="Settings of the b → a direction (two-way links).")
+    filtered_parents: Literal["skip", "dead"] = Field(
+        default="skip",
+        description="What a record does whose lookup parent was left out by the parent "
+        "link's filter: skip (not synced, counted as filtered) or dead (dead-lettered as "
+        "'parent filtered out'). Settled at once, never retried.")
     poll_interval: Duration = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
     page_size: int = Field(default=DEFAULT_PAGE_SIZE, ge=1, le=100_000)
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=10_000)

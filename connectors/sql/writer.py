@@ -101,6 +101,7 @@ class Writer:
         info = self._info(entity, names)
         outcomes: list[Outcome | None] = [None] * len(rows)
         prepared: list[tuple[int, tuple[str, ...], dict[str, Any]]] = []
+        updates: list[tuple[int, tuple[str, ...], dict[str, Any]]] = []
         checked: dict[tuple[str, ...], str | None] = {}
         for i, row in enumerate(rows):
             try:
@@ -108,8 +109,13 @@ class Writer:
             except _Rejected as exc:
                 outcomes[i] = Outcome(OutcomeStatus.PERMANENT, error=str(exc))
                 continue
-            prepared.append((i, key, params))
+            (updates if row.update_only else prepared).append((i, key, params))
         self._execute(entity, info, _group_upserts(prepared), self._upsert_statement, outcomes)
+        if updates:  # an UPDATE: the INSERT of an upsert would need every NOT NULL column
+            groups = _group_upserts(updates)
+            for group in groups:
+                group.params = [{f"u_{c}": v for c, v in p.items()} for p in group.params]
+            self._execute(entity, info, groups, self._update_statement, outcomes)
         return _complete(outcomes)
 
     def delete(self, entity: str, keys: Sequence[dict[str, Any]]) -> list[Outcome]:
@@ -226,6 +232,14 @@ class Writer:
         return ins.on_conflict_do_update(
             index_elements=target, set_={c: ins.excluded[c] for c in updates}
         )
+
+    def _update_statement(self, info: TableInfo, group: _Group) -> sa.Executable:
+        """UPDATE of existing rows only (parameters named ``u_<column>``)."""
+        table = info.table
+        values: dict[str, Any] = {c: sa.bindparam(f"u_{c}") for c in group.columns
+                                  if c not in group.key}
+        return sa.update(table).where(
+            *(table.c[c] == sa.bindparam(f"u_{c}") for c in group.key)).values(values)
 
     def _delete_statement(self, info: TableInfo, group: _Group) -> sa.Executable:
         table = info.table
