@@ -1,31 +1,40 @@
 """What the CLI commands do, as plain functions that tests call directly.
 
 Each function takes an ``echo`` callable for its human-readable lines and returns
-the process exit code (see ``bus.cli``).
+the process exit code (see ``bus.cli``). When RabbitMQ cannot be used they raise
+:class:`~bus.broker_errors.BrokerUnavailable` (one line; the CLI prints it and exits
+with :data:`EXIT_BROKER`); ``validate`` reports it as a check instead.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
+from bus.broker_errors import EXIT_BROKER, BrokerUnavailable, broker_errors
 from bus.config import LoadedConfig, load_config
+from bus.config_io import inline_secrets
 from bus.log import configure_logging
-from bus.validate import check_urls, link_notes, validate_config
+from bus.redact import redact_text
+from bus.validate import check_broker, check_urls, link_notes, validate_config
 from bus.worker import RunSummary, Worker
 from connectors.base import BusError, ConfigError
 
 __all__ = [
+    "EXIT_BROKER",
     "EXIT_CONFIG",
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_TIMEOUT",
+    "debug_logging",
     "demo",
     "login",
+    "redacted_traceback",
     "run",
     "setup",
     "setup_logging",
@@ -43,8 +52,24 @@ EXIT_TIMEOUT = 3
 Echo = Callable[[str], None]
 
 
+class _Logging:
+    debug = False  # set by setup_logging: tracebacks of translated errors are shown
+
+
 def setup_logging(level: str, fmt: str) -> None:
+    """Configure logging for a command (``--log-level``, ``--log-format``)."""
+    _Logging.debug = level.lower() == "debug"
     configure_logging(level, fmt)
+
+
+def debug_logging() -> bool:
+    """True when the command runs with ``--log-level debug`` (tracebacks are shown)."""
+    return _Logging.debug
+
+
+def redacted_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as text, passwords in URLs masked."""
+    return redact_text("".join(traceback.format_exception(exc)))
 
 
 def _load(path: Path, echo: Echo) -> LoadedConfig | None:
@@ -107,16 +132,29 @@ def _untracked_sources(loaded: LoadedConfig, worker: Worker) -> list[str]:
 
 def _with_worker(path: Path, echo: Echo, body: Callable[[LoadedConfig, Worker], int], *,
                  tracking: bool = False) -> int:
-    """Load and check the config against the live systems, then run ``body``."""
+    """Load and check the config against the live systems, then run ``body``.
+
+    Raises:
+        BrokerUnavailable: RabbitMQ cannot be used (unreachable, login refused, vhost
+            missing, a permission missing).
+    """
     loaded = _load(path, echo)
     if loaded is None:
         return EXIT_CONFIG
+    return _with_loaded(loaded, echo, body, tracking=tracking)
+
+
+def _with_loaded(loaded: LoadedConfig, echo: Echo, body: Callable[[LoadedConfig, Worker], int],
+                 *, tracking: bool = False) -> int:
     worker = Worker(loaded.config)
     try:
-        worker.open_connectors()
-        if not _check_live(loaded, worker, echo, tracking=tracking):
-            return EXIT_CONFIG
-        return body(loaded, worker)
+        with broker_errors(loaded.config.broker.url):
+            worker.open_connectors()
+            if not _check_live(loaded, worker, echo, tracking=tracking):
+                return EXIT_CONFIG
+            return body(loaded, worker)
+    except BrokerUnavailable:
+        raise
     except BusError as exc:
         echo(f"syncbus: {exc.message}")
         return EXIT_FAILED
@@ -125,21 +163,44 @@ def _with_worker(path: Path, echo: Echo, body: Callable[[LoadedConfig, Worker], 
 
 
 def validate(path: Path, *, echo: Echo = print) -> int:
-    """Check ``path`` against its schema and the live systems."""
+    """Check ``path``: its schema, RabbitMQ (login, vhost, permissions) and the live systems.
+
+    Inline secrets are warnings. Exit code 2 for problems in the config, else 4 when
+    RabbitMQ cannot be used as configured, else 0.
+    """
+    loaded = _load(path, echo)
+    if loaded is None:
+        return EXIT_CONFIG
+    for secret in inline_secrets(loaded):
+        echo("warning: " + loaded.problem(
+            secret.loc, f"{secret.what}: write ${{{secret.variable}}} instead and set that "
+            "environment variable where syncbus runs (or use ${file:/run/secrets/...})"))
+    checks = check_broker(loaded.config.broker.url)
+    for check in checks:
+        echo(f"broker  {check.line()}")
+    broker_ok = all(check.ok for check in checks)
 
     def report(loaded: LoadedConfig, worker: Worker) -> int:
         cfg = loaded.config
-        echo(f"{path}: OK — {_plural(len(cfg.connections), 'connection')}, "
-             f"{_plural(len(cfg.links), 'link')}")
+        counts = f"{_plural(len(cfg.connections), 'connection')}, {_plural(len(cfg.links), 'link')}"
+        if broker_ok:
+            echo(f"{path}: OK — {counts}")
+        else:
+            echo(f"{path}: the configuration is valid ({counts}), but RabbitMQ cannot be used "
+                 "as configured (see the broker lines above)")
         for note in [*link_notes(loaded), *_untracked_sources(loaded, worker)]:
             echo(f"  note: {note}")
-        return EXIT_OK
+        return EXIT_OK if broker_ok else EXIT_BROKER
 
-    return _with_worker(path, echo, report)
+    return _with_loaded(loaded, echo, report)
 
 
 def setup(path: Path, *, echo: Echo = print) -> int:
-    """Prepare the source entities of every enabled link for change tracking."""
+    """Prepare the source entities of every enabled link for change tracking.
+
+    Raises:
+        BrokerUnavailable: RabbitMQ cannot be used (see ``_with_worker``).
+    """
 
     def prepare(_loaded: LoadedConfig, worker: Worker) -> int:
         for line in worker.prepare_sources():
@@ -151,7 +212,12 @@ def setup(path: Path, *, echo: Echo = print) -> int:
 
 def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
         echo: Echo = print, stop: threading.Event | None = None) -> int:
-    """Validate, then sync continuously (until ``stop`` / Ctrl-C) or until idle."""
+    """Validate, then sync continuously (until ``stop`` / Ctrl-C) or until idle.
+
+    Raises:
+        BrokerUnavailable: RabbitMQ cannot be used: unreachable, login refused, vhost
+            missing, a permission missing (one line; exit code 4 in the CLI).
+    """
 
     def sync(_loaded: LoadedConfig, worker: Worker) -> int:
         worker.open()

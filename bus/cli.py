@@ -1,17 +1,25 @@
 """The ``syncbus`` command line. Thin: it parses arguments and calls ``bus.app``.
 
 Exit codes: 0 success · 1 something failed (dead-lettered records, unreachable
-system) · 2 invalid configuration · 3 ``--until-idle`` gave up waiting · 130 Ctrl-C.
+system) · 2 invalid configuration · 3 ``--until-idle`` gave up waiting · 4 RabbitMQ
+cannot be used (unreachable, login refused, vhost missing, a permission missing) ·
+130 Ctrl-C.
+
+Every command runs inside :class:`_Commands`, which turns RabbitMQ being unusable
+(:mod:`bus.broker_errors`) into one line on stderr and exit code 4; the traceback
+only with ``--log-level debug``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from bus import app
+from bus.broker_errors import EXIT_BROKER, BrokerUnavailable, explain
 from bus.cli_emulate import emulate
 from bus.cli_events import register as register_event_commands
 from bus.cli_meta import register as register_meta_commands
@@ -21,6 +29,25 @@ from bus.cli_sync import register as register_sync_commands
 from bus.cli_tx import tx
 
 __all__ = ["main"]
+
+
+class _Commands(TyperGroup):
+    """The command group: reports RabbitMQ being unusable in one line (exit code 4)."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own (vendored) click.Context
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise  # the command has reported and chosen its exit code
+        except Exception as exc:
+            problem = exc if isinstance(exc, BrokerUnavailable) else explain(exc)
+            if problem is None:
+                raise
+            if app.debug_logging():
+                typer.echo(app.redacted_traceback(exc), err=True, nl=False)
+            typer.echo(f"syncbus: {problem.message}", err=True)
+            raise typer.Exit(EXIT_BROKER) from None
+
 
 cli = typer.Typer(
     name="syncbus",
@@ -38,6 +65,7 @@ cli = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Commands,
 )
 
 ConfigOpt = Annotated[

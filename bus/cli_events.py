@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from bus.broker_errors import raise_if_broker
 from bus.config import load_config
 from bus.events import AMQP_URL_ENV
 from bus.events import amqp_url as url_or_default
@@ -99,6 +100,7 @@ def tail_command(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(EXIT_FAILED) from None
     except BusError as exc:
+        raise_if_broker(exc, url_or_default(url))  # one line and exit code 4 (bus.cli)
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(EXIT_FAILED) from None
 

@@ -46,9 +46,10 @@ def status_command(
 ) -> None:
     """Is every link syncing? Detectors, links, broker, state store, connections.
 
-    Exit code 0 when healthy, 1 when not (broker or state store down, a connection not
-    answering, a link paused or with transactions in error, a detector lagging), 2
-    for an invalid config: usable as a cron check or a container health probe.
+    Exit code 0 when healthy, 1 when not (state store down, a connection not answering,
+    a link paused or with transactions in error, a detector lagging), 2 for an invalid
+    config, 4 when RabbitMQ cannot be used (unreachable, login refused, vhost missing):
+    usable as a cron check or a container health probe.
 
     Examples: syncbus status -c sync.yaml · syncbus status -c sync.yaml --watch
     · syncbus status -c sync.yaml --json --max-lag 3600

@@ -17,6 +17,7 @@ from rich.progress import (
 )
 
 from bus import app
+from bus.broker_errors import raise_if_broker
 from bus.config import load_config
 from bus.syncall import Progress as SyncProgress
 from bus.syncall import sync_all
@@ -87,6 +88,7 @@ def sync_all_command(
             _err.print(f"syncbus: {exc.message}", markup=False)
             raise typer.Exit(2) from None
         except BusError as exc:
+            raise_if_broker(exc, loaded.broker.url)  # one line and exit code 4 (bus.cli)
             _err.print(f"syncbus: {exc.message} (run the command again to continue)",
                        markup=False)
             raise typer.Exit(1) from None

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bus.broker_errors import BrokerUnavailable, broker_errors
 from bus.config import load_config
 from bus.peek import printable
 from bus.txlog import STATUSES, MoveResult, Transaction, TxFilter, TxLog, parse_since
@@ -75,7 +76,10 @@ def _filter(ids: list[str] | None, link: str | None, entity: str | None, key: st
 
 def _run(log: TxLog, action: object) -> None:
     try:
-        action()  # type: ignore[operator]
+        with broker_errors(log.url):
+            action()  # type: ignore[operator]
+    except BrokerUnavailable:
+        raise  # one line and exit code 4 (bus.cli)
     except BusError as exc:
         _err.print(f"syncbus: {exc.message}", markup=False)
         raise typer.Exit(1) from None

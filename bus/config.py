@@ -7,6 +7,12 @@ line of every key, so any later check can point at the file. Every problem is on
 line, ``FILE:LINE: links.customers.key: message``; a secret's value never appears
 in one.
 
+A URL (any ``url`` or ``…_url`` key) whose user name or password needs
+percent-encoding is refused here, before anything could connect with a half-parsed
+URL (whose "host" would be a piece of the password): an unencoded ``@ / ? #`` makes
+parsers disagree about where the password ends. That holds for a URL built from
+``${VAR}`` / ``${file:…}`` too; the message names the references, never the value.
+
 Line numbers come from PyYAML's composed node tree (each node's start mark); the
 file is never parsed by hand.
 """
@@ -26,7 +32,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from bus.redact import MASK, redact_text
+from bus.redact import MASK, redact_text, userinfo_problem
 from connectors.base import ConfigError
 from schemas.config import CONNECTION_TYPES, SyncConfig
 from schemas.event import NAME_PATTERN
@@ -55,6 +61,7 @@ _PLAIN = {
     "string_type": "must be text",
 }
 _STR_TAG = "tag:yaml.org,2002:str"
+_REFS = re.compile(r"\$\{[^}]*\}")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -216,6 +223,7 @@ class _Walker:
         self.secrets: set[str] = set()
         self.interpolated: set[tuple[str, ...]] = set()
         self._done: dict[int, bool] = {}  # scalar node id → whether it was interpolated
+        self._raw: dict[int, str] = {}  # scalar node id → its text before interpolation
         self._stack: set[int] = set()
 
     def load(self, text: str) -> Any:
@@ -276,13 +284,30 @@ class _Walker:
         return f"<{type(node).__name__} key>"
 
     def _scalar(self, node: yaml.ScalarNode, loc: Loc) -> None:
-        if node.tag != _STR_TAG or "${" not in node.value:
+        if node.tag != _STR_TAG:
             return
-        if id(node) not in self._done:
+        if "${" in node.value and id(node) not in self._done:
+            self._raw[id(node)] = node.value
             node.value, changed = self._interpolate(node.value, loc)
             self._done[id(node)] = changed
-        if self._done[id(node)]:
+        if self._done.get(id(node)):
             self.interpolated.add(_text(loc))
+        last = loc[-1]
+        if isinstance(last, str) and (last == "url" or last.endswith("_url")):
+            self._check_url(node, loc)
+
+    def _check_url(self, node: yaml.ScalarNode, loc: Loc) -> None:
+        """Refuse a URL whose credentials need percent-encoding (see module docstring)."""
+        problem = userinfo_problem(node.value)
+        if problem is None or any(where == loc for where, _ in self.problems):
+            return  # a reference that did not resolve is the problem already reported
+        refs = _REFS.findall(self._raw.get(id(node), "")) if self._done.get(id(node)) else []
+        if refs:
+            problem += (f"; the URL is built from {', '.join(dict.fromkeys(refs))}: write it "
+                        "percent-encoded there")
+        else:
+            problem += "; better, keep it out of the file: ${VAR} or ${file:…}, percent-encoded"
+        self.problems.append((loc, problem))
 
     def _interpolate(self, raw: str, loc: Loc) -> tuple[str, bool]:
         changed = False

@@ -49,10 +49,12 @@ __all__ = [
     "EXPORT_HEADER",
     "Exported",
     "Imported",
+    "InlineSecret",
     "LiveCheck",
     "canonical_yaml",
     "export_config",
     "import_config",
+    "inline_secrets",
     "raw_document",
 ]
 
@@ -87,6 +89,39 @@ class Exported:
     text: str
     warnings: list[str] = field(default_factory=list)
     config: SyncConfig | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class InlineSecret:
+    """A secret written into the config file instead of a reference.
+
+    Args:
+        loc: Where, e.g. ``("connections", "erp", "url")``.
+        what: What is inline, e.g. ``a password was written inline in the URL``.
+        variable: The environment variable an export would reference instead.
+    """
+
+    loc: Loc
+    what: str
+    variable: str
+
+
+def inline_secrets(loaded: LoadedConfig) -> list[InlineSecret]:
+    """The secrets of ``loaded`` written inline rather than as ``${VAR}`` / ``${file:…}``.
+
+    The same detection as :func:`export_config` (a password in a URL, ``?password=``,
+    a literal ``client_secret`` or ``client_state``); nothing is written.
+
+    Args:
+        loaded: A loaded config (its file is read again without interpolation).
+
+    Returns:
+        One entry per inline secret, in the order of the schema.
+    """
+    raw = raw_document(loaded.path)
+    writer = _Canonical()
+    writer.model(loaded.config, raw if isinstance(raw, dict) else None, ())
+    return writer.inline
 
 
 @dataclass(frozen=True)
@@ -227,6 +262,7 @@ class _Canonical:
     def __init__(self) -> None:
         self.warnings: list[str] = []
         self.problems: list[str] = []
+        self.inline: list[InlineSecret] = []
         self._names: dict[str, str] = {}  # generated variable → the secret it stands for
 
     def model(self, model: BaseModel, raw: Mapping[str, Any] | None, loc: Loc) -> Any:
@@ -318,6 +354,7 @@ class _Canonical:
         return name
 
     def _warn(self, loc: Loc, what: str, var: str) -> None:
+        self.inline.append(InlineSecret(loc, what, var))
         self.warnings.append(
             f"{format_loc(loc)}: {what}; written as ${{{var}}} instead: set the environment "
             f"variable {var} to it wherever syncbus runs (or write ${{file:/run/secrets/...}})")

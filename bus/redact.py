@@ -8,14 +8,21 @@ text, such as a database driver's error message.
 
 Both are total: they never raise, whatever the input. When a password holds
 characters that should have been percent-encoded (``/``, ``?``, ``#``, ``@``), they
-mask too much rather than too little.
+mask too much rather than too little: outside ``http(s)`` URLs the user information
+ends at the *last* ``@`` (an ``@`` in a vhost, a database name or a query is rare,
+and masking a little of it is harmless), so ``amqp://u:p@ss#S3cr3t/x@host/`` shows
+as ``amqp://u:***@host/``.
+
+``userinfo_problem`` tells whether a URL's user name or password needs
+percent-encoding — that is, whether parsers could disagree about where they end
+(``bus.config`` refuses such URLs before anything connects).
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["MASK", "redact_text", "redact_url"]
+__all__ = ["MASK", "redact_text", "redact_url", "userinfo_problem"]
 
 #: What a secret is replaced with.
 MASK = "***"
@@ -75,16 +82,72 @@ def _mask_userinfo(url: str) -> str:
     if scheme is None:
         return url
     head, rest = url[: scheme.end()], url[scheme.end() :]
-    end = _authority_end(rest)
-    at = rest.rfind("@", 0, end)
+    at = _userinfo_end(head, rest)
     if at < 0:
-        at = _misencoded_at(rest, end)
-        if at < 0:
-            return url
+        if _bad_port(rest[: _authority_end(rest)]):  # ``u:pa#ss`` and no host at all
+            return f"{head}{rest.partition(':')[0]}:{MASK}"
+        return url
     user, colon, password = rest[:at].partition(":")
     if not colon or not password:
         return url
     return f"{head}{user}:{MASK}{rest[at:]}"
+
+
+def userinfo_problem(url: str) -> str | None:
+    """What in ``url``'s user information needs percent-encoding; None when nothing does.
+
+    The answer never quotes the URL: it names the part (``the password``, ``the user
+    name``) and what to do.
+
+    Args:
+        url: A URL (anything without ``scheme://`` has no user information).
+
+    Returns:
+        A message such as ``"the password must be percent-encoded: @ → %40, …"``, or
+        None. A port that is no number counts too: it is what a password cut at a
+        ``/``, ``?`` or ``#`` looks like.
+    """
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return None
+    head, rest = url[: scheme.end()], url[scheme.end() :]
+    end = _authority_end(rest)
+    authority, tail = rest[:end], rest[end:]
+    if "@" in tail and authority and (
+            "@" in authority or not _is_http(head) or _bad_port(authority)):
+        return f"the user name or password {_HOW} (an '@' in a path or query as well)"
+    if "@" not in authority:
+        return f"the port is not a number (a password {_HOW})" if _bad_port(authority) else None
+    userinfo = authority.rpartition("@")[0]
+    user, _, password = userinfo.partition(":")
+    for part, name in ((user, "the user name"), (password, "the password")):
+        if "@" in part or _NEEDS_ENCODING.search(part):
+            return f"{name} {_HOW}"
+    return None
+
+
+_HOW = "must be percent-encoded: @ → %40, / → %2F, # → %23, ? → %3F, % → %25, space → %20"
+# Characters RFC 3986 does not allow in user information (letters beyond ASCII are
+# left alone); a '%' must start a %XX escape.
+_NEEDS_ENCODING = re.compile(r"[\x00-\x20\x7f\"<>\[\]\\^`{|}/?#]|%(?![0-9A-Fa-f]{2})")
+
+
+def _is_http(head: str) -> bool:
+    return head.lower() in ("http://", "https://")
+
+
+def _userinfo_end(head: str, rest: str) -> int:
+    """Index in ``rest`` of the ``@`` that ends the user information, or -1.
+
+    ``http(s)`` URLs often carry ``@`` in paths and queries, so there the authority
+    decides unless it is visibly broken; any other URL ends its user information at
+    the last ``@``.
+    """
+    end = _authority_end(rest)
+    authority = rest[:end]
+    if _is_http(head) and not _bad_port(authority):
+        return rest.rfind("@", 0, end)
+    return rest.rfind("@")
 
 
 def _authority_end(rest: str) -> int:
@@ -93,16 +156,14 @@ def _authority_end(rest: str) -> int:
     return min(ends, default=len(rest))
 
 
-def _misencoded_at(rest: str, end: int) -> int:
-    """The ``@`` ending a password that contains an unencoded ``/``, ``?`` or ``#``.
+def _bad_port(authority: str) -> bool:
+    """True when ``authority`` (without user information) has a port that is no number.
 
-    ``amqp://u:pa/ss@host/`` looks like authority ``u:pa`` with port ``pa``; a port
-    that is not a number, followed later by an ``@``, means the password was cut.
+    ``amqp://u:pa/ss@host/`` looks like authority ``u:pa``, port ``pa``: the password
+    was cut at its ``/``.
     """
-    authority = rest[:end]
-    if authority.startswith("[") or ":" not in authority:
-        return -1
-    port = authority.rpartition(":")[2]
-    if port.isdigit() or not port:
-        return -1
-    return rest.rfind("@", end)
+    hostport = authority.rpartition("@")[2]
+    if hostport.startswith("[") or ":" not in hostport:
+        return False
+    port = hostport.rpartition(":")[2]
+    return bool(port) and not port.isdigit()

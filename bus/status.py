@@ -14,10 +14,11 @@ what RabbitMQ reports, without reading any log:
   in retry, transactions in error (dead-letter queue), changes applied in the last
   minute, last applied, paused or not (and why), last failure.
 
-The bus is **unhealthy** (exit code 1) when the broker or the state store cannot be
-reached, a connection does not answer, a link is paused, a link has transactions in
-error, or a detector's lag exceeds ``max(3 × poll interval, 30 s)`` (``--max-lag``
-sets the limit, e.g. for a cron-driven ``run --until-idle``) or it never polled.
+The bus is **unhealthy** (exit code 1; 4 when RabbitMQ cannot be used) when the
+broker or the state store cannot be reached, a connection does not answer, a link is
+paused, a link has transactions in error, or a detector's lag exceeds
+``max(3 × poll interval, 30 s)`` (``--max-lag`` sets the limit, e.g. for a cron-driven
+``run --until-idle``) or it never polled.
 So ``syncbus status`` doubles as a cron check or a container health probe.
 
 Transactions in error per link come from counters the workers keep in the state
@@ -45,6 +46,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from bus.broker_errors import EXIT_BROKER, broker_errors
 from bus.config import load_config
 from bus.peek import printable
 from bus.redact import redact_text, redact_url
@@ -229,7 +231,7 @@ def show_status(path: Path, *, as_json: bool = False, watch: bool = False,
         console: Where to print (default: stdout).
 
     Returns:
-        0 healthy, 1 unhealthy, 2 invalid configuration.
+        0 healthy, 1 unhealthy, 2 invalid configuration, 4 RabbitMQ cannot be used.
     """
     console = console or Console()
     try:
@@ -249,7 +251,7 @@ def show_status(path: Path, *, as_json: bool = False, watch: bool = False,
             console.print_json(json.dumps(report.to_json()))
         else:
             console.print(render(report))
-        return 0 if report.healthy else 1
+        return _exit_code(report)
     try:
         with Live(render(report), console=console, auto_refresh=False) as live:
             while True:
@@ -258,7 +260,14 @@ def show_status(path: Path, *, as_json: bool = False, watch: bool = False,
                 live.update(render(report), refresh=True)
     except KeyboardInterrupt:
         pass
-    return 0 if report.healthy else 1
+    return _exit_code(report)
+
+
+def _exit_code(report: StatusReport) -> int:
+    """0 healthy, 4 RabbitMQ cannot be used (``bus.broker_errors``), 1 otherwise unhealthy."""
+    if report.healthy:
+        return 0
+    return EXIT_BROKER if not report.broker.ok else 1
 
 
 def render(report: StatusReport) -> RenderableType:
@@ -324,7 +333,8 @@ def _queue_depths(config: SyncConfig, timeout: float) -> tuple[dict[str, int | N
 
     def read() -> dict[str, int | None]:
         depths: dict[str, int | None] = {}
-        with Connection(config.broker.url, connect_timeout=timeout) as conn:
+        with broker_errors(config.broker.url, name_url=False), \
+                Connection(config.broker.url, connect_timeout=timeout) as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
             for queue in names:

@@ -35,8 +35,9 @@ def _status(path: Path, **kw) -> tuple[int, dict]:
     """Run the status check as the CLI does; returns (exit code, JSON report)."""
     config = load_config(path).config
     report = collect_status(config, **kw)
-    assert show_status(path, as_json=True, console=_quiet(), **kw) == (0 if report.healthy else 1)
-    return (0 if report.healthy else 1), report.to_json()
+    code = 0 if report.healthy else 4 if not report.broker.ok else 1  # 4: RabbitMQ unusable
+    assert show_status(path, as_json=True, console=_quiet(), **kw) == code
+    return code, report.to_json()
 
 
 def _quiet():
@@ -165,8 +166,9 @@ def test_status_is_unhealthy_when_the_broker_or_the_state_store_is_down(
     config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{pick_free_port()}/"
     env.config_path.write_text(yaml.safe_dump(config))
     code, report = _status(env.config_path, timeout=5)
-    assert code == 1 and not report["broker"]["ok"]
-    assert any(p.startswith("broker unreachable") for p in report["problems"])
+    assert code == 4 and not report["broker"]["ok"]
+    assert any(p.startswith("broker unreachable") and p.endswith(
+        "cannot reach RabbitMQ (connection refused); is it running?") for p in report["problems"])
 
 
 def test_errors_per_link_stay_right_across_failures_replays_and_archives(
