@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the tests take the imported ``sides`` fixture by name
 """Filter, soft-delete and lookup semantics found by trying syncbus against the seeds.
 
 Resco CRM Sync's meaning: a sync filter decides which records take part, an upload
