@@ -180,8 +180,8 @@ class Subscriber:
         changes = Exchange(CHANGES_EXCHANGE, type="topic", durable=True)
         dead = Exchange(DEAD_EXCHANGE, type="fanout", durable=True)
         channel = conn.channel()
-        changes.declare(channel=channel)
-        dead.declare(channel=channel)
+        for exchange in (changes, dead):  # passive first: no configure permission needed
+            channel = self._ensure_exchange(conn, channel, exchange)
         channel = self._ensure_dead_queue(conn, channel, dead)
         work = Queue(self.queue, durable=True, queue_arguments={
             "x-queue-type": "quorum",
@@ -201,6 +201,22 @@ class Subscriber:
                 **_AT_LEAST_ONCE,
             }).declare(channel=channel)
         channel.close()
+
+    @staticmethod
+    def _ensure_exchange(conn: Connection, channel: Any, exchange: Exchange) -> Any:
+        """Declare ``exchange`` only when it does not exist yet, so a subscriber's user needs
+        no configure permission on syncbus's exchanges (see docs/operations.md).
+
+        Returns:
+            A usable channel (a failed passive declaration closes the one given).
+        """
+        try:
+            channel.exchange_declare(exchange=exchange.name, type=exchange.type, passive=True)
+            return channel
+        except NotFound:
+            channel = conn.channel()
+        exchange.declare(channel=channel)
+        return channel
 
     @staticmethod
     def _ensure_dead_queue(conn: Connection, channel: Any, dead: Exchange) -> Any:

@@ -182,6 +182,7 @@ def test_the_documented_least_privilege_users_do_their_jobs_and_nothing_more(tmp
     assert refused(billing, "bind crm.customers.upsert") == ""
     assert "ACCESS_REFUSED" in refused(billing, "read syncbus.link.customers.a2b")
     assert "ACCESS_REFUSED" in refused(billing, "read syncbus.dead")
+    assert "ACCESS_REFUSED" in refused(billing, "delete exchange syncbus.changes")
 
     # the auditor reads the history stream and nothing else
     auditor = users.url("auditor")
