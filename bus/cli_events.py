@@ -89,6 +89,11 @@ def tail_command(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--from") from None
     url = amqp_url or _config_url(config)
+    try:
+        url_or_default(url)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
     where = "live events" if start is None else f"the history from {from_}"
     ready = f"watching {where} matching {pattern!r} at {redact_url(url_or_default(url))}; Ctrl-C stops"
     try:

@@ -30,9 +30,9 @@ from kombu.message import Message
 from pydantic import ValidationError
 
 from bus.peek import body_bytes, harden_amqp_decoders
-from bus.redact import redact_url
+from bus.redact import redact_url, userinfo_problem
 from bus.topology import CHANGES_EXCHANGE
-from connectors.base import BrokerConnectionError, SchemaError
+from connectors.base import BrokerConnectionError, ConfigError, SchemaError
 from schemas.event import ChangeEvent
 
 __all__ = [
@@ -65,8 +65,18 @@ WATCH_MAX_LENGTH = 100_000
 
 
 def amqp_url(url: str | None = None) -> str:
-    """``url``, else ``$SYNCBUS_AMQP_URL``, else the local broker."""
-    return url or os.environ.get(AMQP_URL_ENV) or DEFAULT_AMQP_URL
+    """``url``, else ``$SYNCBUS_AMQP_URL``, else the local broker.
+
+    Raises:
+        ConfigError: the URL's user or password needs percent-encoding (the message
+            names where the URL came from, never the password).
+    """
+    chosen = url or os.environ.get(AMQP_URL_ENV) or DEFAULT_AMQP_URL
+    problem = userinfo_problem(chosen)
+    if problem is not None:
+        where = f"--amqp-url (or ${AMQP_URL_ENV})" if url else f"${AMQP_URL_ENV}"
+        raise ConfigError(f"{where}: {problem}")
+    return chosen
 
 
 def parse_event(body: bytes | str) -> ChangeEvent:

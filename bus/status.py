@@ -456,7 +456,7 @@ def _problems(report: StatusReport) -> list[str]:
         if not component.ok:
             what = component.name if component.name in ("broker", "state store") else (
                 f"connection {component.name}")
-            problems.append(f"{what} unreachable: {component.detail}")
+            problems.append(f"{what} not usable: {component.detail}")
     problems += [f"detector {d.name}: {d.problem}" for d in report.detectors if d.problem]
     problems += [f"link {lk.name}: {p}" for lk in report.links for p in lk.problems]
     return problems

@@ -83,7 +83,7 @@ def assert_one_line(results: dict[str, subprocess.CompletedProcess[str]], line: 
         assert result.returncode == EXIT_BROKER, f"syncbus {command}: {out}"
         assert "Traceback" not in out, f"syncbus {command}: {out}"
         if command.startswith("status"):
-            assert f"broker unreachable: {shown}: {in_report}" in " ".join(out.split()), out
+            assert f"broker not usable: {shown}: {in_report}" in " ".join(out.split()), out
         else:
             assert result.stderr.strip().splitlines()[-1] == line, f"syncbus {command}: {out}"
 
@@ -189,3 +189,13 @@ def test_validate_warns_about_an_inline_password_and_checks_the_broker(tmp_path,
     referenced = syncbus("validate", "-c", str(config), env={"RABBIT_PW": "guest"})
     assert referenced.returncode == 0, referenced.stdout
     assert "warning" not in referenced.stdout
+
+
+def test_a_broker_url_on_the_command_line_that_needs_encoding_is_refused():
+    secret = "p@ss#S3cr3t/x"
+    result = syncbus("tail", "--idle", "1",
+                     env={"SYNCBUS_AMQP_URL": f"amqp://relpw:{secret}@127.0.0.1:5672/"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --amqp-url (or $SYNCBUS_AMQP_URL): the user name "
+                                    "or password must be percent-encoded")
+    assert leaks(secret, result.stdout + result.stderr) == []
