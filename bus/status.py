@@ -456,7 +456,9 @@ def _problems(report: StatusReport) -> list[str]:
         if not component.ok:
             what = component.name if component.name in ("broker", "state store") else (
                 f"connection {component.name}")
-            problems.append(f"{what} not usable: {component.detail}")
+            # The broker's detail says why (unreachable, login refused, no such vhost).
+            verdict = "not usable" if what == "broker" else "unreachable"
+            problems.append(f"{what} {verdict}: {component.detail}")
     problems += [f"detector {d.name}: {d.problem}" for d in report.detectors if d.problem]
     problems += [f"link {lk.name}: {p}" for lk in report.links for p in lk.problems]
     return problems

@@ -167,7 +167,7 @@ def test_status_is_unhealthy_when_the_broker_or_the_state_store_is_down(
     env.config_path.write_text(yaml.safe_dump(config))
     code, report = _status(env.config_path, timeout=5)
     assert code == 4 and not report["broker"]["ok"]
-    assert any(p.startswith("broker unreachable") and p.endswith(
+    assert any(p.startswith("broker not usable") and p.endswith(
         "cannot reach RabbitMQ (connection refused); is it running?") for p in report["problems"])
 
 
