@@ -156,6 +156,12 @@ def test_thousands_of_hostile_messages_never_stall_the_link_and_lose_nothing(
         result = run_cli(*args, "--config", config)
         assert result.returncode == 0, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
+    # The history stream holds every hostile message published to syncbus.changes.
+    tail = run_cli("tail", "#", "--from", "first", "--idle", "3", "--json", "--config", config)
+    assert tail.returncode == 0, tail.stderr[-2000:]
+    lines = [json.loads(line) for line in tail.stdout.splitlines()]
+    assert sum(1 for line in lines if "unreadable" in line) >= 50
+    assert sum(1 for line in lines if "unreadable" not in line) >= VALID_SOURCE_CHANGES
     listing = json.loads(run_cli("tx", "list", "--json", "--config", config).stdout)
     assert len(listing) >= len(dead_expected)
     shown = run_cli("tx", "show", str(listing[0].get("id") or ""), "--config", config)
