@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -17,6 +19,7 @@ import yaml
 
 from bus.config import load_config
 from bus.integrity import Signer, signer_for
+from bus.worker import Worker
 from producers.state import StateStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +52,22 @@ class SyncEnv:
     def signer(self) -> Signer:
         """Signs events as this config's workers do (a test publishing its own events)."""
         return config_signer(self.config_path)
+
+
+@contextmanager
+def running(config_path: Path | str) -> Iterator[Worker]:
+    """A worker of the config at ``config_path``, running in a thread until the block ends."""
+    worker = Worker(load_config(config_path).config)
+    worker.open()
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(30)
+        worker.close()
 
 
 def config_signer(config_path: Path) -> Signer:

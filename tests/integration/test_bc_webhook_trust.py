@@ -13,8 +13,6 @@ metrics port, all over real HTTP).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,7 +21,6 @@ import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus.config import load_config
 from bus.worker import Worker
 from connectors.business_central import BusinessCentralConnector
 from connectors.business_central.emulator import BusinessCentralEmulator
@@ -31,6 +28,7 @@ from connectors.business_central.index import KeyIndex
 from connectors.business_central.webhooks import SECRET_SCOPE
 from producers.state import StateStore
 from tests.support import pick_free_port, wait_for
+from tests.syncenv import running
 
 pytestmark = pytest.mark.integration
 
@@ -59,19 +57,6 @@ def _config(tmp_path: Path, amqp_url: str, pg_url: str, emu: BusinessCentralEmul
     return path
 
 
-@contextmanager
-def running(path: Path) -> Iterator[Worker]:
-    worker = Worker(load_config(path).config)
-    worker.open()
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        stop.set()
-        thread.join(30)
-        worker.close()
 
 
 def _rejected(worker: Worker) -> dict[str, float]:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -13,28 +9,14 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus import app
-from bus.config import load_config
 from bus.worker import Worker
 from tests.proxy import TcpProxy
 from tests.support import wait_for
-from tests.syncenv import insert_items, make_env, table_rows
+from tests.syncenv import insert_items, make_env, running, table_rows
 
 pytestmark = pytest.mark.integration
 
 
-@contextmanager
-def running(config_path) -> Iterator[Worker]:
-    worker = Worker(load_config(config_path).config)
-    worker.open()
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        stop.set()
-        thread.join(30)
-        worker.close()
 
 
 def scrape(worker: Worker) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
