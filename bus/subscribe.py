@@ -289,6 +289,14 @@ class Subscriber:
         """True while the subscriber is consuming its queue."""
         return self._consumer is not None and self._consumer.stats.connected
 
+    @property
+    def idle(self) -> bool:
+        """True while consuming with no message in hand: everything delivered so far is
+        handled and settled (with an empty queue, nothing more is on its way)."""
+        stats = None if self._consumer is None else self._consumer.stats
+        return (stats is not None and stats.connected and stats.in_flight == 0
+                and stats.idle_since is not None)
+
     def __enter__(self) -> Subscriber:
         return self.start()
 

@@ -53,9 +53,15 @@ def running(config_path, count: int = 1) -> Iterator[list[Worker]]:
 
 
 def depth(amqp_url: str, queue: str) -> int:
+    return queue_facts(amqp_url, queue)[0]
+
+
+def queue_facts(amqp_url: str, queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) of ``queue``, as the broker counts them."""
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
-        return conn.channel().queue_declare(queue, passive=True).method.message_count
+        method = conn.channel().queue_declare(queue, passive=True).method
+        return method.message_count, method.consumer_count
     finally:
         conn.close()
 
@@ -89,9 +95,15 @@ def test_an_alert_pauses_the_link_under_a_burst_of_failures_and_resume_drains_it
         consumer = worker.consumers[0][0]
         wait_for(lambda: consumer.stats.paused, timeout=60, message="the alert never paused")
         assert paused(config)
-        time.sleep(1.0)  # the prefetched messages are back in the queue
-        dead, applied, ready = depth(amqp_url, DEAD_QUEUE), len(table_rows(dst)), depth(
-            amqp_url, WORK_QUEUE)
+        def counts() -> tuple[int, int, int]:
+            return (depth(amqp_url, DEAD_QUEUE), len(table_rows(dst)),
+                    depth(amqp_url, WORK_QUEUE))
+
+        # The prefetched messages go back to the queue when the paused consumer's
+        # channel closes: wait until every message is accounted for.
+        wait_for(lambda: sum(counts()) == 400, timeout=30,
+                 message="the prefetched messages never returned to the queue")
+        dead, applied, ready = counts()
         assert 5 < dead < 100, "paused after the burst, not at its end"
         assert ready > 0 and dead + applied + ready == 400, (dead, applied, ready)
 
@@ -146,7 +158,8 @@ def test_pause_and_resume_by_hand_are_obeyed_by_every_worker(tmp_path, pg_url, a
             conn.execute(sa.text("UPDATE items SET qty = -3"))
         wait_for(lambda: depth(amqp_url, WORK_QUEUE) == 100, timeout=30,
                  message="the changes wait in the queue")
-        time.sleep(1.5)
+        # Nothing can apply them: no consumer is on the queue (a broker-side fact).
+        assert queue_facts(amqp_url, WORK_QUEUE) == (100, 0)
         assert all(row[1] != -3 for row in table_rows(dst).values())
         report = collect_status(loaded)
         assert "paused: ERP maintenance" in " ".join(report.problems)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pika
 import pytest
@@ -57,13 +56,15 @@ def test_a_pattern_bound_subscriber_receives_exactly_the_matching_events(amqp_ur
     messages = [_event(c, e, op, n) for c in ("crm", "erp") for e in ("customers", "orders")
                 for op in ("upsert", "delete") for n in (1, 2)]
     patterns = ["crm.customers.*", "*.*.delete"]
-    with Subscriber(patterns, received.append, queue="test.matching", url=amqp_url):
-        _publish(amqp_url, messages)
+    with Subscriber(patterns, received.append, queue="test.matching", url=amqp_url) as sub:
+        _publish(amqp_url, messages)  # confirmed: routed into the queue already
         expected = {str(m.message_id) for m in messages
                     if m.routing_key.startswith("crm.customers.") or m.routing_key.endswith(".delete")}
         wait_for(lambda: len(received) >= len(expected), timeout=30,
                  message=lambda: f"received {len(received)} of {len(expected)}")
-        time.sleep(0.5)  # anything else would have arrived by now
+        # Nothing else can come: the queue is empty and the subscriber has nothing in hand.
+        wait_for(lambda: sub.idle and _ready(amqp_url, "test.matching") == 0, timeout=30,
+                 message="the subscriber never went idle")
     assert len(expected) == 10
     assert sorted(e.id for e in received) == sorted(expected)
     keys = {(e.data.origin.connection, e.data.entity, e.data.op) for e in received}
@@ -148,7 +149,8 @@ def test_a_subscriber_sees_exactly_the_deletes_of_a_real_sync(tmp_path, amqp_url
     lines: list[str] = []
     assert app.setup(env.config_path, echo=lines.append) == app.EXIT_OK, lines
     deleted: list[ChangeEvent] = []
-    with Subscriber("src.items.delete", deleted.append, queue="test.deletes", url=amqp_url):
+    with Subscriber("src.items.delete", deleted.append, queue="test.deletes",
+                    url=amqp_url) as sub:
         assert app.run(env.config_path, until_idle=True, max_wait=60,
                        echo=lines.append) == app.EXIT_OK, lines
         with src.begin() as conn:
@@ -156,7 +158,8 @@ def test_a_subscriber_sees_exactly_the_deletes_of_a_real_sync(tmp_path, amqp_url
         assert app.run(env.config_path, until_idle=True, max_wait=60,
                        echo=lines.append) == app.EXIT_OK, lines
         wait_for(lambda: len(deleted) >= 3, timeout=30, message="deletes not delivered")
-        time.sleep(0.5)
+        wait_for(lambda: sub.idle and _ready(amqp_url, "test.deletes") == 0, timeout=30,
+                 message="the subscriber never went idle")
     assert sorted(e.data.key["id"] for e in deleted) == [3, 7, 11]
     assert all(e.data.op == "delete" and e.data.record is None for e in deleted)
 
@@ -169,3 +172,12 @@ def test_a_queue_of_another_kind_is_a_clear_error(amqp_url):
 
     with pytest.raises(ConfigError, match="test.classic"):
         Subscriber("#", print, queue="test.classic", url=amqp_url).declare()
+
+
+def _ready(amqp_url: str, queue: str) -> int:
+    """Messages ready in ``queue`` (the broker's count)."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        conn.close()
