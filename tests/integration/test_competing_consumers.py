@@ -6,7 +6,7 @@ keeps every record from regressing: the target ends equal to the source.
 from __future__ import annotations
 
 import random
-import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,8 @@ from kombu import Connection
 from bus.config import load_config
 from bus.topology import link_queues
 from bus.worker import Worker
+from producers.state import StateStore
+from producers.state_ops import aware
 from tests.support import wait_for
 from tests.syncenv import stop, syncbus
 
@@ -109,10 +111,26 @@ def test_four_processes_with_shuffled_duplicates_end_equal(env):
         expected = _table(engine, "side_a")
         wait_for(lambda: _table(engine, "side_b") == expected, timeout=120, interval=0.5,
                  message=lambda: f"side b differs in {sum(1 for k, v in expected.items() if _table(engine, 'side_b').get(k) != v)} rows")
-        time.sleep(2)  # let every worker poll side b once more: echoes only
-        assert _table(engine, "side_a") == expected  # nothing came back and regressed side a
+        # Side b is polled again after convergence and publishes nothing (echoes only):
+        # a state-store fact, so nothing can come back and regress side a.
+        converged = datetime.now(UTC)
+        wait_for(lambda: _polled_quietly_since(config.state.url, "b.items", converged),
+                 timeout=60, message="side b was never polled quietly after convergence")
+        assert _table(engine, "side_a") == expected
     finally:
         outputs = [stop(p) for p in procs]
     for code, out in outputs:
         assert code == 0, out
         assert "dead_lettered" not in out, out
+
+
+def _polled_quietly_since(state_url: str, detector: str, since: datetime) -> bool:
+    """True when ``detector`` finished a poll that started after ``since`` and found
+    nothing to publish."""
+    state = StateStore(state_url)
+    try:
+        row = state.detector_rows().get(detector) or {}
+    finally:
+        state.close()
+    started = aware(row.get("last_ok_at"))
+    return started is not None and started > since and row.get("last_changes") == 0

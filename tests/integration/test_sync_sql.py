@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pika
@@ -21,7 +20,7 @@ import yaml
 from bus import app
 from bus.config import load_config
 from bus.publisher import OutMessage, Publisher
-from bus.topology import CHANGES_EXCHANGE, DEAD_QUEUE
+from bus.topology import CHANGES_EXCHANGE, DEAD_QUEUE, link_queues
 from bus.worker import Worker
 from connectors.sql import SqlConnector
 from producers.state import StateStore
@@ -252,7 +251,9 @@ def test_target_outage_is_retried_with_delay_and_delivered_once_it_is_back(
         consumer = worker.consumers[0][0]
         wait_for(lambda: consumer.stats.retried > 0, timeout=30,
                  message="the outage never caused a retry")
-        time.sleep(2)
+        first = consumer.stats.retried
+        wait_for(lambda: consumer.stats.retried > first, timeout=30,  # still down: again
+                 message="the retried changes never came back for another try")
         proxy.restore()
         wait_for(lambda: table_rows(dst) == table_rows(src), timeout=60,
                  message="target never caught up after the outage")
@@ -345,7 +346,11 @@ def test_a_worker_started_while_the_target_is_down_catches_up_when_it_is_back(
     try:
         wait_for(lambda: any("'dst' is unreachable" in line for line in lines), timeout=30,
                  message=lambda: f"no unreachable warning: {lines}")
-        time.sleep(2)  # changes pile up in retry meanwhile
+        # The changes pile up in the retry queues meanwhile (the broker's count).
+        config = load_config(env.config_path).config
+        retries = [q for _, q in link_queues("items", config.links["items"]).retries]
+        wait_for(lambda: _ready(amqp_url, retries) > 0, timeout=60,
+                 message="no change ever waited in a retry queue")
         assert table_rows(dst) == {}
         proxy.restore()
         wait_for(lambda: table_rows(dst) == table_rows(src), timeout=60,
@@ -355,3 +360,13 @@ def test_a_worker_started_while_the_target_is_down_catches_up_when_it_is_back(
         thread.join(30)
         proxy.close()
     assert result == [app.EXIT_OK], lines
+
+
+def _ready(amqp_url: str, queues: list[str]) -> int:
+    """Messages ready in ``queues``, as the broker counts them."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = conn.channel()
+        return sum(channel.queue_declare(q, passive=True).method.message_count for q in queues)
+    finally:
+        conn.close()
