@@ -25,7 +25,7 @@ from connectors.base import BusError, ConfigError
 
 __all__ = ["register"]
 
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines (grep, logs)
 
 
 def register(cli: typer.Typer) -> None:

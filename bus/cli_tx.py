@@ -50,7 +50,7 @@ SinceOpt = Annotated[str | None, typer.Option(
     help="Only since then: 2h, 30m, 7d ago, or an ISO time (last failure / archive / delivery).")]
 ErrorOpt = Annotated[str | None, typer.Option(help="Only errors containing this text.")]
 
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines (grep, logs)
 
 
 def _open(config: Path) -> TxLog:

@@ -363,10 +363,16 @@ def test_a_worker_started_while_the_target_is_down_catches_up_when_it_is_back(
 
 
 def _ready(amqp_url: str, queues: list[str]) -> int:
-    """Messages ready in ``queues``, as the broker counts them."""
+    """Messages ready in ``queues``, as the broker counts them (0 before they exist)."""
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
-        channel = conn.channel()
-        return sum(channel.queue_declare(q, passive=True).method.message_count for q in queues)
+        total = 0
+        for queue in queues:
+            channel = conn.channel()
+            try:
+                total += channel.queue_declare(queue, passive=True).method.message_count
+            except pika.exceptions.ChannelClosedByBroker:
+                continue  # not declared yet (the worker declares at start)
+        return total
     finally:
         conn.close()
