@@ -331,21 +331,12 @@ def conflicts(
     if not rows:
         out.print("no pending conflicts" if not all_ else "no conflicts")
         return
-    table = Table("#", "link", "record", "detected", "policy", "winner", "a", "b", box=None)
-    for r in rows:
-        table.add_row(str(r["id"]), r["link"], r["pair_key"], str(r["detected_at"])[:19],
-                      r["policy"], r["winner"] or "pending", _brief(r["a_values"]),
-                      _brief(r["b_values"]))
-    out.print(table)
+    from bus.conflicts import render_conflicts  # noqa: PLC0415 - only this command needs it
+
+    out.print(render_conflicts(rows, loaded, config_path=str(config)))
+    out.print()
     out.print(f"{len(rows)} conflict(s); resolve one: syncbus tx resolve -c {config} "
-              f"{rows[0]['id']} --keep a|b")
-
-
-def _brief(values: dict[str, object] | None) -> str:
-    if values is None:
-        return "(deleted)"
-    text = json.dumps(values, default=str, ensure_ascii=False)
-    return text if len(text) <= 40 else text[:39] + "…"
+              f"{rows[0]['id']} --keep a|b", markup=False, soft_wrap=True)  # stays pasteable
 
 
 @tx.command()

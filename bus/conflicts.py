@@ -10,29 +10,43 @@ conflict has no winner until an operator picks one (``syncbus tx resolve``):
    the other side: the same bus path as live sync (retries, dead-letter queue);
 3. the record's changes waiting in the dead-letter queue are replayed with the same
    decision: the kept side's are applied, the other side's skipped and logged.
+
+:func:`render_conflicts` lays the log out for a terminal (``syncbus tx conflicts``):
+one block per conflict (number, link, record, policy, winner or pending, when), then
+the fields whose values differ, side a next to side b, compared as the link maps them.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
 from bus.integrity import Signer, signer_for
+from bus.peek import printable
 from bus.publisher import OutMessage, Publisher
 from bus.topology import link_queues
 from bus.txlog import TxFilter, TxLog
-from connectors.base import ChangeRecord, ConfigError, Connector, Op
+from connectors.base import ChangeRecord, ConfigError, Connector, MappingError, Op
 from connectors.registry import open_connector
 from consumers.apply import WINNER_HEADER
 from consumers.flow import Flow, flows
-from consumers.twoway import LinkSides
+from consumers.mapping import FieldMapper
+from consumers.twoway import LinkSides, normalize
 from producers.detector import change_event
 from producers.state import StateStore
-from schemas.config import SyncConfig
+from schemas.config import LinkConfig, SyncConfig
 from schemas.event import dumps
 
-__all__ = ["Resolution", "find_conflict", "resolve"]
+__all__ = ["Resolution", "differing_fields", "find_conflict", "render_conflicts", "resolve"]
+
+#: Characters of one value shown in the side-by-side (the whole value is in ``--json``).
+VALUE_WIDTH = 200
 
 
 @dataclass(slots=True)
@@ -141,3 +155,136 @@ def _send_current(config: SyncConfig, flow: Flow, link_flows: list[Flow], pair_k
     finally:
         publisher.close()
     return True
+
+
+# -- the conflict log for a terminal ------------------------------------------------------
+
+
+def render_conflicts(rows: list[dict[str, Any]], config: SyncConfig | None = None, *,
+                     config_path: str = "sync.yaml") -> RenderableType:
+    """The conflict log as blocks readable in an 80-column terminal.
+
+    Args:
+        rows: Conflict rows (``StateStore.conflict_rows``), newest first.
+        config: The configuration (its links' field maps pair a's fields with b's).
+        config_path: The config file, as the resolve hint names it.
+
+    Returns:
+        A rich renderable: per conflict a heading, its facts, and the differing fields.
+    """
+    parts: list[RenderableType] = []
+    for row in rows:
+        link = config.links.get(row["link"]) if config is not None else None
+        if parts:
+            parts.append("")
+        parts += _conflict_block(row, link, config_path)
+    return Group(*parts)
+
+
+def differing_fields(link: LinkConfig | None, a_values: dict[str, Any] | None,
+                     b_values: dict[str, Any] | None) -> list[tuple[str, str, Any, Any]]:
+    """The fields whose values differ between the sides, as the link maps them.
+
+    Each a field is paired with the b field the link maps it to (lookups left out: their
+    ids differ by nature); a's value is mapped (value maps, transforms) before it is
+    compared, as the echo rule compares them. Without a link or field map, fields pair
+    by name.
+
+    Returns:
+        ``(a field, b field, a value, b value)`` per differing field; a deleted side's
+        values are all None.
+    """
+    a, b = a_values or {}, b_values or {}
+    specs = link.field_specs() if link is not None else None
+    if specs is None:
+        pairs = [(name, name) for name in sorted(set(a) | set(b))]
+        mapped = dict(a)
+    else:
+        pairs = [(spec.from_ or column, column) for column, spec in specs.items()
+                 if not spec.lookup and not spec.has_const]
+        mapped = _mapped(link, a) if link is not None else dict(a)
+    out = []
+    for a_field, b_field in pairs:
+        ours = mapped.get(b_field) if a_values is not None else None
+        theirs = b.get(b_field)
+        if a_values is None or b_values is None or normalize(ours) != normalize(theirs):
+            out.append((a_field, b_field, a.get(a_field), theirs))
+    return out
+
+
+def _mapped(link: LinkConfig, values: dict[str, Any]) -> dict[str, Any]:
+    """a's record in b's fields; plain renames when the map refuses a value."""
+    try:
+        return FieldMapper(link).map_record(values)
+    except (MappingError, ConfigError):
+        specs = link.field_specs() or {}
+        return {column: values.get(spec.from_ or column) for column, spec in specs.items()}
+
+
+def _conflict_block(row: dict[str, Any], link: LinkConfig | None,
+                    config_path: str) -> list[RenderableType]:
+    pending = row["winner"] is None
+    head = Text.assemble(
+        (f"conflict #{row['id']}", "bold"), f"  link {printable(row['link'], 100)}  ",
+        f"policy {printable(row['policy'], 40)}  ",
+        ("pending: waiting for an operator", "bold yellow") if pending else (f"side {row['winner']} kept", "green"))
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(no_wrap=True, style="dim")
+    facts.add_column(overflow="fold")
+    facts.add_row("record", printable(row["pair_key"], 300))
+    direction = "a → b" if row.get("direction") == "a2b" else "b → a"
+    facts.add_row("detected", f"{_when(row['detected_at'])} by a change {direction}"
+                  + (f" ({printable(row['event_id'], 80)})" if row.get("event_id") else ""))
+    if row.get("a_modified") or row.get("b_modified"):  # SQL sides keep no modification time
+        facts.add_row("changed",
+                      f"a {_when(row.get('a_modified'))}, b {_when(row.get('b_modified'))}")
+    if row.get("resolved_by"):
+        facts.add_row("resolved", f"side {row['winner']} kept by "
+                      f"{printable(row['resolved_by'], 100)} at {_when(row.get('resolved_at'))}")
+    if pending:
+        facts.add_row("resolve", f"syncbus tx resolve -c {config_path} {row['id']} --keep a|b")
+    return [head, facts, _side_by_side(row, link)]
+
+
+def _side_by_side(row: dict[str, Any], link: LinkConfig | None) -> RenderableType:
+    a_values, b_values = row.get("a_values"), row.get("b_values")
+    diffs = differing_fields(link, a_values, b_values)
+    if not diffs:
+        return Text("  no differing field (both sides hold the same values)", style="dim")
+    a_name = f"a: {link.source.connection}.{link.source.entity}" if link else "a"
+    b_name = f"b: {link.target.connection}.{link.target.entity}" if link else "b"
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    table.add_column("  field", overflow="fold", ratio=2)
+    table.add_column(a_name + (" (deleted)" if a_values is None else ""), overflow="fold",
+                     ratio=3)
+    table.add_column(b_name + (" (deleted)" if b_values is None else ""), overflow="fold",
+                     ratio=3)
+    for a_field, b_field, ours, theirs in diffs:
+        label = a_field if a_field == b_field else f"{a_field} → {b_field}"
+        table.add_row(Text("  " + printable(label, 100)),
+                      _value(ours, a_values is None), _value(theirs, b_values is None))
+    return table
+
+
+def _value(value: Any, deleted: bool) -> Text:
+    if deleted:
+        return Text("-", style="dim")
+    if value is None:
+        return Text("null", style="dim")
+    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+    return Text(printable(text, VALUE_WIDTH))
+
+
+def _when(value: Any) -> str:
+    """A time to the second, in UTC when its zone is known."""
+    if value is None or value == "":
+        return "unknown"
+    moment = value
+    if not isinstance(moment, datetime):
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            return printable(value, 40)
+    if moment.tzinfo is None:
+        return moment.strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

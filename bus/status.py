@@ -6,13 +6,14 @@ what RabbitMQ reports, without reading any log:
 - **broker** and **state store**: reachable or not;
 - **connections**: each system an enabled link reads or writes answers a metadata
   request for its entities (``--no-probe`` skips it);
-- **detectors** (one per source entity): last successful poll, last change seen,
+- **detectors** (one per source entity, side b's of a two-way link too): last successful poll, last change seen,
   committed cursor, lag (seconds since the detector was last known to be caught up:
   the start of its last successful poll or its last page), which worker polls it,
   last error;
-- **links** (one per direction): ready messages in the work queue, messages waiting
-  in retry, transactions in error (dead-letter queue), changes applied in the last
-  minute, last applied, paused or not (and why), last failure.
+- **links** (one row per direction: a two-way link has an a → b and a b → a row):
+  ready messages in the direction's work queue, messages waiting in its retry queues,
+  its transactions in error (dead-letter queue), changes applied in the last minute,
+  last applied, paused or not (and why), last failure.
 
 The bus is **unhealthy** (exit code 1; 4 when RabbitMQ cannot be used) when the
 broker or the state store cannot be reached, a connection does not answer, a link is
@@ -47,11 +48,11 @@ from rich.table import Table
 from rich.text import Text
 
 from bus.broker_errors import EXIT_BROKER, broker_errors
+from bus.browse import NoSuchQueue, QueueBrowser
 from bus.config import load_config
-from bus.peek import printable
+from bus.peek import cap_headers, header_text, printable, read_failure
 from bus.redact import redact_text, redact_url
-from bus.topology import DEAD_QUEUE, all_link_queues
-from bus.txlog import QueueBrowser, count_by_link
+from bus.topology import DEAD_QUEUE, all_link_queues, link_queues
 from connectors.base import BusError, ConfigError
 from connectors.registry import open_connector
 from producers.state import StateStore
@@ -65,6 +66,7 @@ __all__ = [
     "STALE_FACTOR",
     "StatusReport",
     "collect_status",
+    "counter_name",
     "dead_counts",
     "render",
     "show_status",
@@ -111,9 +113,12 @@ class LinkStatus:
     """One link direction."""
 
     name: str
+    #: ``a2b`` or ``b2a``; a two-way link has one of each.
     direction: str
     source: str
     target: str
+    #: Whether the link flows both ways (its rows then name their direction).
+    two_way: bool = False
     ready: int | None = None
     retry: int | None = None
     error: int | None = None
@@ -178,8 +183,8 @@ def collect_status(config: SyncConfig, *, probe: bool = True, max_lag: float | N
         except BusError as exc:
             report.broker = Component("broker", False, exc.message)
     report.detectors = _detectors(config, tables, now, max_lag)
-    report.links = [_link(name, link, tables, depths, errors, now)
-                    for name, link in enabled.items()]
+    report.links = [_link(name, link, direction, tables, depths, errors)
+                    for name, link in enabled.items() for direction in link.directions]
     report.problems = _problems(report)
     if tables:
         tables["state"].close()
@@ -187,7 +192,10 @@ def collect_status(config: SyncConfig, *, probe: bool = True, max_lag: float | N
 
 
 def dead_counts(config: SyncConfig, total: int, state: StateStore | None) -> dict[str, int]:
-    """Transactions in the dead-letter queue per link.
+    """Transactions in the dead-letter queue per link direction.
+
+    Keys are the workers' counter names: the link's name for a → b, ``<link>.b2a``
+    for b → a.
 
     Trusts the workers' counters when they add up to the queue's length ``total``;
     otherwise browses the queue once and corrects the counters.
@@ -206,7 +214,7 @@ def dead_counts(config: SyncConfig, total: int, state: StateStore | None) -> dic
     counted: dict[str, int] = {}
     if total:
         with QueueBrowser(config.broker.url) as browser:
-            counted = count_by_link(browser, DEAD_QUEUE)  # headers only: any body will do
+            counted = _count_by_direction(browser)
         if browser.missed:
             return counted  # an incomplete read: the counters are corrected next time
     if state is not None:
@@ -271,7 +279,12 @@ def _exit_code(report: StatusReport) -> int:
 
 
 def render(report: StatusReport) -> RenderableType:
-    """The report as rich tables: components, detectors, links, problems."""
+    """The report as rich tables: systems, detectors, link directions, failures, problems.
+
+    Laid out for an 80-column terminal: each link direction is one row (a two-way link
+    has an ``a → b`` and a ``b → a`` row, with the entities it reads and writes under
+    its name); the last failure of each direction and detector follows the tables.
+    """
     now = report.checked_at
     verdict = Text("healthy", style="bold green") if report.healthy else Text(
         "UNHEALTHY", style="bold red")
@@ -280,26 +293,77 @@ def render(report: StatusReport) -> RenderableType:
     systems = Table("system", "", "detail", box=None, pad_edge=False)
     for c in (report.broker, report.state, *report.connections):
         systems.add_row(_cell(c.name), _mark(c.ok), _cell(c.detail))
-    detectors = Table("detector", "last poll", "last change", "cursor", "lag", "polled by",
-                      "state", box=None, pad_edge=False)
-    for d in report.detectors:
-        failing = bool(d.last_error_at and (d.last_poll_at is None
-                                            or d.last_error_at > d.last_poll_at))
-        detectors.add_row(_cell(d.name), _ago(d.last_poll_at, now), _ago(d.last_change_at, now),
-                          _cell(_short(d.cursor)), "-" if d.lag is None else f"{d.lag:.0f}s",
-                          _cell(_short(d.polled_by, 30) if d.polled_by else "nobody"),
-                          _detector_state(d, failing))
-    links = Table("link", "from → to", "pending", "retry", "error", "applied/min",
-                  "last applied", "state", box=None, pad_edge=False)
-    for lk in report.links:
-        links.add_row(_cell(lk.name), _cell(f"{lk.source} → {lk.target}"), _n(lk.ready),
-                      _n(lk.retry), _n(lk.error), _n(lk.applied_last_minute), _ago(lk.last_applied_at, now),
-                      _link_state(lk))
-    parts: list[RenderableType] = [head, "", systems, "", detectors, "", links]
+    parts: list[RenderableType] = [head, "", systems, "", _detector_table(report),
+                                   "", _link_table(report)]
+    failures = _failures(report)
+    if failures:
+        parts += ["", Text("last failures:", style="bold yellow"), _bullets(failures)]
     if report.problems:
-        parts += ["", Text("problems:", style="bold red")]
-        parts += [Text(f"  - {printable(p, 500)}") for p in report.problems]
+        parts += ["", Text("problems:", style="bold red"),
+                  _bullets([printable(p, 500) for p in report.problems])]
     return Group(*parts)
+
+
+def _detector_table(report: StatusReport) -> Table:
+    now = report.checked_at
+    table = Table(box=None, pad_edge=False)
+    table.add_column("detector", overflow="fold", ratio=1, min_width=16)
+    for header in ("last\npoll", "last\nchange", "lag"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("cursor", no_wrap=True, overflow="ellipsis", max_width=12)
+    table.add_column("polled by", no_wrap=True, overflow="ellipsis", max_width=14)
+    table.add_column("state", no_wrap=True)
+    for d in report.detectors:
+        table.add_row(_cell(d.name), _ago(d.last_poll_at, now), _ago(d.last_change_at, now),
+                      "-" if d.lag is None else f"{d.lag:.0f}s", _cell(d.cursor or "-"),
+                      _cell(d.polled_by or "nobody"), _detector_state(d, _failing(d)))
+    return table
+
+
+def _link_table(report: StatusReport) -> Table:
+    now = report.checked_at
+    table = Table(box=None, pad_edge=False)
+    table.add_column("link\n  from → to", overflow="fold", ratio=1)
+    for header in ("pending", "retry", "error", "applied\n/min", "last\napplied", "state"):
+        table.add_column(header, no_wrap=True)
+    for lk in report.links:
+        name = Text(printable(_label(lk), 200))
+        name.append(f"\n  {printable(lk.source, 200)} → {printable(lk.target, 200)}",
+                    style="dim")
+        table.add_row(name, _n(lk.ready), _n(lk.retry), _n(lk.error),
+                      _n(lk.applied_last_minute), _ago(lk.last_applied_at, now), _link_state(lk))
+    return table
+
+
+def _failures(report: StatusReport) -> list[str]:
+    """The last failure of every link direction and detector still failing."""
+    now = report.checked_at
+    out = [f"link {_label(lk)}, {_ago(lk.last_failure_at, now)}: {lk.last_failure}"
+           for lk in report.links if lk.last_failure]
+    out += [f"detector {d.name}, {_ago(d.last_error_at, now)}: {d.last_error}"
+            for d in report.detectors if d.last_error and _failing(d)]
+    return [printable(line, 500) for line in out]
+
+
+def _bullets(lines: list[str]) -> Table:
+    """A list whose wrapped lines stay indented under their bullet."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for line in lines:
+        grid.add_row(" -", Text(line))
+    return grid
+
+
+def _label(lk: LinkStatus) -> str:
+    """``customers`` for a one-way a → b link; the direction is named otherwise."""
+    if lk.two_way or lk.direction != "a2b":
+        return f"{lk.name} ({'a → b' if lk.direction == 'a2b' else 'b → a'})"
+    return lk.name
+
+
+def _failing(d: DetectorStatus) -> bool:
+    return bool(d.last_error_at and (d.last_poll_at is None or d.last_error_at > d.last_poll_at))
 
 
 # -- gathering -------------------------------------------------------------------------------
@@ -387,8 +451,10 @@ def _detectors(config: SyncConfig, tables: dict[str, Any] | None, now: datetime,
     sources: dict[tuple[str, str], float] = {}
     for link in config.links.values():
         if link.enabled:
-            key = (link.source.connection, link.source.entity)
-            sources[key] = min(sources.get(key, link.poll_interval), link.poll_interval)
+            for direction in link.directions:  # b → a reads side b: its own detector
+                src = link.source if direction == "a2b" else link.target
+                key = (src.connection, src.entity)
+                sources[key] = min(sources.get(key, link.poll_interval), link.poll_interval)
     out = []
     for (conn, entity), interval in sources.items():
         d = DetectorStatus(f"{conn}.{entity}", conn, entity, interval)
@@ -415,39 +481,68 @@ def _detectors(config: SyncConfig, tables: dict[str, Any] | None, now: datetime,
     return out
 
 
-def _link(name: str, link: Any, tables: dict[str, Any] | None, depths: dict[str, int | None],
-          errors: dict[str, int] | None, now: datetime) -> LinkStatus:
-    queues = all_link_queues(name, link)
-    st = LinkStatus(name, link.direction, f"{link.source.connection}.{link.source.entity}",
-                    f"{link.target.connection}.{link.target.entity}")
+def counter_name(link: str, direction: str) -> str:
+    """The name a direction's counters and activity are kept under (as the workers do)."""
+    return link if direction == "a2b" else f"{link}.{direction}"
+
+
+def _link(name: str, link: Any, direction: str, tables: dict[str, Any] | None,
+          depths: dict[str, int | None], errors: dict[str, int] | None) -> LinkStatus:
+    lq = link_queues(name, link, direction)
+    src, dst = (link.source, link.target) if direction == "a2b" else (link.target, link.source)
+    st = LinkStatus(name, direction, f"{src.connection}.{src.entity}",
+                    f"{dst.connection}.{dst.entity}", two_way=len(link.directions) > 1)
+    counters = counter_name(name, direction)
+    first = direction == link.directions[0]  # link-wide problems are told once
     if depths:
-        ready = [depths.get(lq.work) for lq in queues]
-        st.ready = None if any(v is None for v in ready) else sum(v or 0 for v in ready)
-        retries = [depths.get(q) for lq in queues for _, q in lq.retries]
+        st.ready = depths.get(lq.work)
+        retries = [depths.get(q) for _, q in lq.retries]
         st.retry = None if any(v is None for v in retries) else sum(v or 0 for v in retries)
         if st.ready is None:
             st.problems.append("its queues do not exist yet (has a worker run this config?)")
     if errors is not None:
-        st.error = errors.get(name, 0)
+        st.error = errors.get(counters, 0)
         if st.error:
             st.problems.append(f"{st.error} transaction(s) in error "
                                f"(syncbus tx list --link {name})")
     if tables is not None:
-        row = tables["links"].get(name) or {}
-        minute = tables["minute"].get(name) or {}
+        pause = tables["links"].get(name) or {}  # pausing a link pauses both directions
+        row = tables["links"].get(counters) or {}
+        minute = tables["minute"].get(counters) or {}
         st.applied_last_minute = minute.get("applied", 0)
         st.dead_last_minute = minute.get("dead", 0)
         st.last_applied_at = row.get("last_applied_at")
-        st.paused = bool(row.get("paused"))
+        st.paused = bool(pause.get("paused"))
         if st.paused:
-            st.paused_reason, st.paused_by = row.get("paused_reason"), row.get("paused_by")
-            st.paused_at = row.get("paused_at")
-            st.problems.append(f"paused: {st.paused_reason or 'by an operator'} "
-                               f"(syncbus link resume {name})")
+            st.paused_reason, st.paused_by = pause.get("paused_reason"), pause.get("paused_by")
+            st.paused_at = pause.get("paused_at")
+            if first:
+                st.problems.append(f"paused: {st.paused_reason or 'by an operator'} "
+                                   f"(syncbus link resume {name})")
         failed_at = row.get("last_failure_at")
         if failed_at is not None and (st.last_applied_at is None or failed_at > st.last_applied_at):
             st.last_failure, st.last_failure_at = row.get("last_failure"), failed_at
     return st
+
+
+def _count_by_direction(browser: QueueBrowser) -> dict[str, int]:
+    """Dead letters per link direction (counter names), from their headers only.
+
+    Raises:
+        BrokerConnectionError: the connection broke while browsing.
+    """
+    counts: dict[str, int] = {}
+    try:
+        for _handle, props, _body in browser.browse(DEAD_QUEUE):
+            failure = read_failure(props.headers)
+            queue = failure.queue or header_text(cap_headers(props.headers),
+                                                 "x-first-death-queue") or ""
+            direction = "b2a" if queue.endswith(".b2a") else "a2b"
+            name = counter_name(failure.link or "?", direction)
+            counts[name] = counts.get(name, 0) + 1
+    except NoSuchQueue:
+        pass  # no worker declared the topology yet: nothing in it
+    return counts
 
 
 def _problems(report: StatusReport) -> list[str]:
@@ -460,7 +555,7 @@ def _problems(report: StatusReport) -> list[str]:
             verdict = "not usable" if what == "broker" else "unreachable"
             problems.append(f"{what} {verdict}: {component.detail}")
     problems += [f"detector {d.name}: {d.problem}" for d in report.detectors if d.problem]
-    problems += [f"link {lk.name}: {p}" for lk in report.links for p in lk.problems]
+    problems += [f"link {_label(lk)}: {p}" for lk in report.links for p in lk.problems]
     return problems
 
 

@@ -15,7 +15,12 @@
   the service's own text;
 * :class:`Throttle` — one limiter per service host shared by every caller in the
   process (token bucket, shared pause on ``Retry-After``, backoff without it);
-* :func:`retrying` — retries :class:`~connectors.base.TransientError` through a throttle.
+* :func:`retrying` — retries :class:`~connectors.base.TransientError` through a throttle;
+* :func:`retry_budget` — bounds a connector call's in-process retries (attempts and
+  waits) to :data:`MAX_RETRY_SECONDS`. A failure that would need a longer wait is
+  raised at once with ``retry_after`` set to that wait, so the consumer hands the
+  messages to the delayed retry queues instead of holding them unacked (RabbitMQ drops
+  a consumer whose connection misses its 30 s heartbeats while a batch is applied).
 
 Token acquisition (:class:`TokenProvider`, :func:`device_code_login`) lives in
 :mod:`connectors.identity.provider` and is re-exported here.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
+import math
 import random
 import ssl
 import threading
@@ -39,6 +45,7 @@ from typing import Any, ClassVar, TypeVar
 import httpx
 
 from connectors.base import (
+    MAX_RETRY_SECONDS,
     ConfigError,
     ConnectorUnavailable,
     PermanentError,
@@ -52,22 +59,29 @@ __all__ = [
     "HttpPermanentError",
     "HttpRecordRejected",
     "HttpTransientError",
+    "MAX_RETRY_SECONDS",
     "OAuthSettings",
     "Throttle",
     "ThrottleListener",
     "TokenProvider",
     "add_throttle_listener",
+    "defer",
     "device_code_login",
     "make_client",
     "map_http_errors",
     "parse_retry_after",
     "raise_for_status",
     "remove_throttle_listener",
+    "retry_budget",
+    "retry_time_left",
     "retrying",
     "service_error",
 ]
 
 T = TypeVar("T")
+
+#: Seconds to open a TCP/TLS connection (a host that does not accept in this time is down).
+CONNECT_TIMEOUT = 10.0
 
 #: Statuses a later retry may cure.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -157,7 +171,8 @@ def make_client(*, base_url: str, ca_bundle: str | None, timeout: float,
     Args:
         base_url: The service root, e.g. ``https://org.crm.dynamics.com/api/data/v9.2/``.
         ca_bundle: PEM file of CAs to trust (the emulator's ``ca.pem``); None: system CAs.
-        timeout: Seconds for connect, read, write and pool waits.
+        timeout: Seconds for read, write and pool waits (and connect, at most
+            :data:`CONNECT_TIMEOUT`).
         auth: Token provider for bearer auth; None sends no Authorization header.
 
     Returns:
@@ -171,7 +186,8 @@ def make_client(*, base_url: str, ca_bundle: str | None, timeout: float,
         if not Path(ca_bundle).is_file():
             raise ConfigError(f"ca_bundle {ca_bundle} is not a readable file")
         verify = ssl.create_default_context(cafile=ca_bundle)
-    return httpx.Client(base_url=base_url, verify=verify, timeout=httpx.Timeout(timeout),
+    limits = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+    return httpx.Client(base_url=base_url, verify=verify, timeout=limits,
                         auth=BearerAuth(auth) if auth is not None else None,
                         headers={"User-Agent": "syncbus"})
 
@@ -326,6 +342,57 @@ def _target(exc: Exception) -> str:
 # -- throttling and retries ------------------------------------------------------------
 
 
+class _Budget:
+    """The deadline of the outermost :func:`retry_budget` open in this thread."""
+
+    __slots__ = ("clock", "deadline", "seconds")
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds, self.clock = seconds, clock
+        self.deadline = clock() + seconds
+
+
+_budgets = threading.local()
+
+
+@contextlib.contextmanager
+def retry_budget(seconds: float = MAX_RETRY_SECONDS, *,
+                 clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
+    """Bound the in-process retries of one connector call to ``seconds`` in all.
+
+    Inside the block, :func:`retrying` and :meth:`Throttle.acquire` do not start a wait
+    that would end after the deadline: they raise the failure at once, its
+    ``retry_after`` set to the wait, and the bus's retry queues take over. A nested
+    block keeps the outermost deadline (a writer's resends and each request's retries
+    share one budget).
+
+    Args:
+        seconds: The budget (default :data:`MAX_RETRY_SECONDS`).
+        clock: Monotonic seconds (tests pass a fake clock).
+    """
+    if getattr(_budgets, "current", None) is not None:
+        yield
+        return
+    _budgets.current = _Budget(seconds, clock)
+    try:
+        yield
+    finally:
+        _budgets.current = None
+
+
+def retry_time_left() -> float:
+    """Seconds left in this thread's :func:`retry_budget` (infinite outside one)."""
+    budget: _Budget | None = getattr(_budgets, "current", None)
+    return math.inf if budget is None else budget.deadline - budget.clock()
+
+
+def defer(exc: TransientError, wait: float) -> TransientError:
+    """``exc`` with ``retry_after`` at least ``wait`` (what the bus should wait before retrying)."""
+    if wait > 0 and (exc.retry_after is None or exc.retry_after < wait):
+        exc.retry_after = wait
+    return exc
+
+
 class Throttle:
     """A limiter shared by every caller of one service host in this process.
 
@@ -360,6 +427,10 @@ class Throttle:
         self._stamp = clock()
         self._paused_until = 0.0
         self._failures = 0
+        #: The host, for messages.
+        self.name = "the service"
+        #: Why the throttle last paused (the failure's message), for messages.
+        self.reason: str | None = None
 
     @classmethod
     def for_host(cls, host: str, *, rate: float | None = None) -> Throttle:
@@ -377,6 +448,7 @@ class Throttle:
             throttle = cls._registry.get(name)
             if throttle is None:
                 throttle = cls._registry[name] = cls(rate=rate)
+                throttle.name = name
         if rate is not None:
             throttle.set_rate(rate)
         return throttle
@@ -394,6 +466,11 @@ class Throttle:
             self._tokens = min(self._tokens, self._burst)
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """The throttle's monotonic clock (a retry budget around it reads the same one)."""
+        return self._clock
+
+    @property
     def paused_for(self) -> float:
         """Seconds the current pause still lasts (0 when none)."""
         return max(0.0, self._paused_until - self._clock())
@@ -403,6 +480,10 @@ class Throttle:
 
         Returns:
             Seconds waited.
+
+        Raises:
+            TransientError: the wait would outlast the thread's :func:`retry_budget`
+                (``retry_after`` is the wait); nothing was sent.
         """
         waited = 0.0
         while True:
@@ -413,6 +494,11 @@ class Throttle:
                     delay = self._take_token(now)
                 if delay <= 0:
                     return waited
+            if delay > retry_time_left():
+                raise TransientError(
+                    f"{self.name}: {self.reason or 'requests held back'}; waiting "
+                    f"{delay:.0f}s more is left to the retry queues (in-process retries are "
+                    f"limited to {MAX_RETRY_SECONDS:g}s)", retry_after=delay)
             self._sleep(delay)
             waited += delay
 
@@ -426,24 +512,30 @@ class Throttle:
             return 0.0
         return (1 - self._tokens) / self._rate
 
-    def pause(self, seconds: float) -> None:
+    def pause(self, seconds: float, *, reason: str | None = None) -> None:
         """Hold every caller back for ``seconds`` (extends, never shortens, a pause).
 
         Args:
             seconds: The service's ``Retry-After``.
+            reason: The failure that asked for it (repeated to callers that give up).
         """
         with self._lock:
+            self.reason = reason or self.reason
             self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))
 
-    def backoff(self) -> float:
+    def backoff(self, *, reason: str | None = None) -> float:
         """Pause everyone for an exponential, jittered delay (no ``Retry-After`` given).
 
         Callers that fail while a pause is already in force do not grow it further.
+
+        Args:
+            reason: The failure (repeated to callers that give up waiting).
 
         Returns:
             Seconds until the pause ends.
         """
         with self._lock:
+            self.reason = reason or self.reason
             now = self._clock()
             if self._paused_until <= now:
                 ceiling = min(self.max_delay, self.base_delay * 2 ** self._failures)
@@ -458,12 +550,15 @@ class Throttle:
 
 
 def retrying(func: Callable[[], T], *, attempts: int = 4, throttle: Throttle | None = None,
-             max_wait: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> T:
+             max_wait: float = 60.0, sleep: Callable[[float], None] = time.sleep,
+             budget: float = MAX_RETRY_SECONDS) -> T:
     """Call ``func`` until it succeeds, retrying :class:`TransientError` up to ``attempts``.
 
     With a throttle, every call waits for it first; a ``retry_after`` pauses the
     throttle for all callers, and a transient error without one triggers its shared
-    backoff. Without a throttle the waits are local.
+    backoff. Without a throttle the waits are local. All attempts and waits fit in
+    ``budget`` seconds (or the enclosing :func:`retry_budget`): a failure whose next
+    wait would not fit is raised at once, ``retry_after`` set to that wait.
 
     Args:
         func: The operation (no arguments; use a lambda or ``functools.partial``).
@@ -472,33 +567,47 @@ def retrying(func: Callable[[], T], *, attempts: int = 4, throttle: Throttle | N
         max_wait: A ``retry_after`` longer than this is not waited for: the error is
             raised at once so the bus defers the message instead.
         sleep: Sleep function when there is no throttle.
+        budget: Seconds of in-process retrying, when no :func:`retry_budget` is open.
 
     Returns:
         What ``func`` returned.
 
     Raises:
-        TransientError: the last attempt's error, or one asking for more than ``max_wait``.
+        TransientError: the last attempt's error, or one whose wait is too long
+            (``retry_after``: how long the bus should wait).
         PermanentError: at once, never retried.
     """
-    failures = 0
-    while True:
-        if throttle is not None:
-            throttle.acquire()
-        try:
-            result = func()
-        except TransientError as exc:
-            failures += 1
-            wait = exc.retry_after
-            if throttle is not None and wait is not None:
-                throttle.pause(wait)
-            elif throttle is not None:
-                throttle.backoff()
-            if failures >= attempts or (wait is not None and wait > max_wait):
-                raise
-            if throttle is None:
-                sleep(wait if wait is not None else
-                      random.uniform(0, min(max_wait, 2.0 ** failures)))
-            continue
-        if throttle is not None:
-            throttle.success()
-        return result
+    clock = throttle.clock if throttle is not None else time.monotonic
+    with retry_budget(budget, clock=clock):
+        failures = 0
+        while True:
+            if throttle is not None:
+                throttle.acquire()
+            try:
+                result = func()
+            except TransientError as exc:
+                failures += 1
+                wait = _after_failure(exc, failures, throttle, max_wait)
+                if (failures >= attempts or wait > retry_time_left()
+                        or (exc.retry_after is not None and exc.retry_after > max_wait)):
+                    defer(exc, wait)
+                    raise
+                if throttle is None:
+                    sleep(wait)
+                continue
+            if throttle is not None:
+                throttle.success()
+            return result
+
+
+def _after_failure(exc: TransientError, failures: int, throttle: Throttle | None,
+                   max_wait: float) -> float:
+    """Slow the throttle down after ``exc``; returns the wait before the next attempt."""
+    wait = exc.retry_after
+    if throttle is not None:
+        if wait is not None:
+            throttle.pause(wait, reason=exc.message)
+        else:
+            throttle.backoff(reason=exc.message)
+        return throttle.paused_for
+    return wait if wait is not None else random.uniform(0, min(max_wait, 2.0 ** failures))

@@ -15,6 +15,11 @@ Errors (retry decisions are made from the type alone)::
 
 Errors carry structured fields (``entity``, ``key``, ``status``, ``retry_after``) as
 attributes, not only text, so the dead-letter queue can show them.
+
+A connector retries a transient failure in-process for at most
+:data:`MAX_RETRY_SECONDS` per call; a longer wait is the bus's job: the connector
+raises (or returns a transient outcome) with ``retry_after`` and the consumer sends
+the messages to its delayed retry queues.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "EntityInfo",
     "FetchedRecord",
     "FieldInfo",
+    "MAX_RETRY_SECONDS",
     "MappingError",
     "Op",
     "Outcome",
@@ -50,6 +56,12 @@ __all__ = [
     "WriteRow",
     "group_keys",
 ]
+
+#: Seconds one connector call may spend retrying in-process (its attempts and the waits
+#: between them) before the failure is left to the bus's delayed retry queues. Well under
+#: the consumer's RabbitMQ heartbeat (30 s; the broker drops a connection that misses
+#: two) and RabbitMQ's ``consumer_timeout``: one batch never holds its messages for minutes.
+MAX_RETRY_SECONDS = 20.0
 
 #: A record version as the source reports it: a row version / version number (int)
 #: or an opaque token (ETag) where the system has nothing better.

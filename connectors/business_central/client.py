@@ -9,7 +9,8 @@ Features
       or id is resolved once.
     * Every request waits for the host's shared :class:`~connectors._http.Throttle`;
       429 (Business Central sends no ``Retry-After``), 408 and 5xx are retried with a
-      shared, jittered exponential backoff (``max_retries`` attempts in all).
+      shared, jittered exponential backoff (``max_retries`` attempts in all, within
+      ``MAX_RETRY_SECONDS`` of :mod:`connectors._http`; a longer wait is left to the bus).
     * Server-driven paging: ``Prefer: odata.maxpagesize`` and ``@odata.nextLink``.
     * JSON ``$batch`` of at most 100 operations, optionally ``Isolation: snapshot``.
 

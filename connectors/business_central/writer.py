@@ -13,6 +13,9 @@ Features
       Central's message.
     * 429 and 5xx inside a batch: the host's throttle backs off (jittered, shared) and
       the operations are tried again, up to ``max_retries``; then they are ``TRANSIENT``.
+      All rounds of one call fit in ``MAX_RETRY_SECONDS`` (:mod:`connectors._http`): a
+      backoff that would not fit ends the call, the outcomes ``TRANSIENT`` with
+      ``retry_after``, and the bus's retry queues wait instead.
     * Every outcome is classified: applied, transient (408, 429, 5xx) or permanent
       (any other 4xx, with Business Central's code and message).
 
@@ -30,11 +33,12 @@ from __future__ import annotations
 import re
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from connectors._http import retry_budget, retry_time_left
 from connectors.base import ConnectorUnavailable, Outcome, OutcomeStatus, TransientError, WriteRow
 from connectors.business_central.client import BCClient, quote_key
 from connectors.business_central.metadata import FieldMeta, PageInfo
@@ -113,14 +117,20 @@ class Writer:
 
     def _run(self, page: PageInfo, tasks: list[_Task]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(tasks)
-        for start in range(0, len(tasks), self.batch_size):
-            todo = tasks[start:start + self.batch_size]
-            while todo:
-                self._round(page, todo, outcomes)
-                todo = [t for t in todo if outcomes[t.index] is None]
-                if any(t.last is not None and t.last.status is OutcomeStatus.TRANSIENT
-                       for t in todo):
-                    self.client.throttle.backoff()
+        throttle = self.client.throttle
+        with retry_budget(clock=throttle.clock):
+            for start in range(0, len(tasks), self.batch_size):
+                todo = tasks[start:start + self.batch_size]
+                while todo:
+                    self._round(page, todo, outcomes)
+                    todo = [t for t in todo if outcomes[t.index] is None]
+                    failed = [t.last for t in todo
+                              if t.last is not None and t.last.status is OutcomeStatus.TRANSIENT]
+                    if failed:
+                        throttle.backoff(reason=failed[0].error)
+                        if throttle.paused_for > retry_time_left():
+                            _defer(todo, outcomes, throttle.paused_for)  # the bus waits instead
+                            todo = []
         return [o or Outcome(OutcomeStatus.TRANSIENT, "not attempted") for o in outcomes]
 
     def _round(self, page: PageInfo, todo: list[_Task], outcomes: list[Outcome | None]) -> None:
@@ -140,7 +150,8 @@ class Writer:
         except ConnectorUnavailable:
             raise
         except TransientError as exc:
-            failed = Outcome(OutcomeStatus.TRANSIENT, exc.message, str(exc.status or ""))
+            failed = Outcome(OutcomeStatus.TRANSIENT, exc.message, str(exc.status or ""),
+                             retry_after=exc.retry_after)
             for task in todo:
                 outcomes[task.index] = failed
             return
@@ -347,3 +358,11 @@ def _convert(meta: FieldMeta, value: Any) -> Any:
     except (ValueError, InvalidOperation, TypeError) as exc:
         raise _Unconvertible(f"field {meta.name!r}: cannot convert {value!r} to {t}") from exc
     return value
+
+
+def _defer(todo: Sequence[_Task], outcomes: list[Outcome | None], wait: float) -> None:
+    """Settle ``todo`` as transient now, asking the bus to retry after ``wait`` seconds."""
+    for task in todo:
+        last = task.last if task.last is not None and task.last.status is OutcomeStatus.TRANSIENT \
+            else Outcome(OutcomeStatus.TRANSIENT, "not attempted")
+        outcomes[task.index] = replace(last, retry_after=max(last.retry_after or 0.0, wait))

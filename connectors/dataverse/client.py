@@ -6,7 +6,10 @@ process, so all connectors writing to the same organisation slow down together),
 sends with a bearer token from MSAL (renewed before expiry, once more after a 401),
 maps the answer onto the bus error tree, and retries transient failures with
 tenacity: a ``Retry-After`` pauses the shared throttle for everyone, a failure
-without one (503, time-out, dropped connection) triggers its shared backoff.
+without one (503, time-out, dropped connection) triggers its shared backoff. The
+retries of one call fit in :data:`~connectors._http.MAX_RETRY_SECONDS`: a failure
+whose next wait would not fit is raised with ``retry_after`` set to that wait, and
+the bus's retry queues take over.
 
 Features
     * The standard Web API headers (``OData-MaxVersion``/``OData-Version: 4.0``,
@@ -38,9 +41,12 @@ from connectors._http import (
     OAuthSettings,
     Throttle,
     TokenProvider,
+    defer,
     make_client,
     map_http_errors,
     raise_for_status,
+    retry_budget,
+    retry_time_left,
 )
 from connectors.base import PermanentError, TransientError
 from connectors.dataverse.multipart import (
@@ -167,10 +173,13 @@ class DataverseClient:
     def retrying(self, func: Callable[[], T]) -> T:
         """Call ``func``, retrying :class:`TransientError` (tenacity) up to ``attempts``.
 
-        A ``retry_after`` above ``max_wait`` is not waited for: the error is raised.
+        A ``retry_after`` above ``max_wait`` is not waited for: the error is raised. Nor
+        is a wait that would outlast the call's retry budget
+        (:func:`~connectors._http.retry_budget`).
 
         Raises:
-            TransientError: the last failure.
+            TransientError: the last failure; ``retry_after`` is at least the time the
+                organisation's throttle still holds requests back.
             PermanentError: at once.
         """
         retryer = tenacity.Retrying(
@@ -178,11 +187,18 @@ class DataverseClient:
             retry=tenacity.retry_if_exception(self._retryable),
             wait=tenacity.wait_none(),  # the shared throttle does the waiting
             before_sleep=self._log_retry, reraise=True)
-        return retryer(func)
+        with retry_budget(clock=self.throttle.clock):
+            try:
+                return retryer(func)
+            except TransientError as exc:
+                defer(exc, self.throttle.paused_for)
+                raise
 
     def _retryable(self, exc: BaseException) -> bool:
         if not isinstance(exc, TransientError):
             return False
+        if self.throttle.paused_for > retry_time_left():
+            return False  # the bus waits instead (see MAX_RETRY_SECONDS)
         return exc.retry_after is None or exc.retry_after <= self.max_wait
 
     def _slow_down(self, exc: TransientError) -> None:
@@ -190,9 +206,9 @@ class DataverseClient:
         if exc.status == 429:
             self.throttled += 1
         if exc.retry_after is not None:
-            self.throttle.pause(exc.retry_after)
+            self.throttle.pause(exc.retry_after, reason=exc.message)
         else:
-            self.throttle.backoff()
+            self.throttle.backoff(reason=exc.message)
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None

@@ -33,13 +33,14 @@ Limits
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 
-from connectors._http import TRANSIENT_STATUSES, parse_retry_after
+from connectors._http import TRANSIENT_STATUSES, parse_retry_after, retry_budget, retry_time_left
 from connectors.base import ConnectorUnavailable, Outcome, OutcomeStatus, TransientError, WriteRow
 from connectors.dataverse.client import API_PATH, DataverseClient
 from connectors.dataverse.convert import ConversionError, key_segment, to_body
@@ -102,6 +103,11 @@ class Writer:
 
     def _run(self, table: TableMeta, ops: list[Operation | Outcome], *,
              deleting: bool) -> list[Outcome]:
+        with retry_budget(clock=self.client.throttle.clock):
+            return self._run_chunks(table, ops, deleting=deleting)
+
+    def _run_chunks(self, table: TableMeta, ops: list[Operation | Outcome], *,
+                    deleting: bool) -> list[Outcome]:
         outcomes: list[Outcome | None] = [o if isinstance(o, Outcome) else None for o in ops]
         pending = [(i, o) for i, o in enumerate(ops) if isinstance(o, Operation)]
         attempted = False
@@ -140,10 +146,18 @@ class Writer:
                 break
             log.info("dataverse_batch_retry", connector=self.name, entity=table.logical_name,
                      operations=len(retry), attempt=attempt, retry_after=wait)
+            throttle = self.client.throttle
             if wait:
-                self.client.throttle.pause(wait)
+                throttle.pause(wait, reason=done[retry[0][0]].error)
             else:
-                self.client.throttle.backoff()
+                throttle.backoff(reason=done[retry[0][0]].error)
+            if throttle.paused_for > retry_time_left():
+                # Too long to wait here: the bus's retry queues wait instead.
+                for index, _ in retry:
+                    done[index] = dataclasses.replace(
+                        done[index], retry_after=max(done[index].retry_after or 0.0,
+                                                     throttle.paused_for))
+                break
             todo = retry
         return done
 

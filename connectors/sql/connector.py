@@ -22,7 +22,10 @@ Configuration
     ``url``: a SQLAlchemy URL. ``sqlite:///path/file.db`` or
     ``postgresql+psycopg://user:password@host:5432/db`` (plain ``postgresql://``
     is switched to psycopg 3). ``application_name`` / ``connect_timeout`` may be
-    given in the URL query; defaults are ``syncbus:<name>`` and 10 s.
+    given in the URL query; defaults are ``syncbus:<name>`` and 10 s. A PostgreSQL
+    server that stops answering on an open connection is noticed within
+    ``MAX_RETRY_SECONDS`` (``tcp_user_timeout`` and TCP keepalives, also overridable
+    in the URL), so a write never hangs on a dead peer for the kernel's minutes.
 
     ``schema``: PostgreSQL schema (default: the connection's ``current_schema()``);
     the ``_syncbus_*`` objects are created in it too. SQLite: leave None (``main``).
@@ -63,6 +66,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 
 from connectors.base import (
+    MAX_RETRY_SECONDS,
     Capabilities,
     ChangePage,
     ConfigError,
@@ -89,6 +93,12 @@ log = structlog.get_logger(__name__)
 DEFAULT_BUSY_TIMEOUT = 5.0
 #: Seconds to wait for a PostgreSQL connection.
 DEFAULT_CONNECT_TIMEOUT = 10
+#: libpq settings that turn a PostgreSQL server gone silent on an open connection into
+#: an error within MAX_RETRY_SECONDS (a dead peer otherwise blocks a call for minutes).
+DEAD_PEER_SETTINGS: dict[str, int] = {
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+    "tcp_user_timeout": int(MAX_RETRY_SECONDS * 1000),
+}
 #: Keys per round trip in ``snapshot``.
 SNAPSHOT_PAGE = 1000
 #: Execution option marking a write connection (SQLite: ``BEGIN IMMEDIATE``).
@@ -395,6 +405,7 @@ def _create_engine(name: str, url: URL, busy_timeout: float) -> sa.Engine:
             args["application_name"] = f"syncbus:{name}"[:63]
         if "connect_timeout" not in url.query:
             args["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+        args.update({k: v for k, v in DEAD_PEER_SETTINGS.items() if k not in url.query})
         return sa.create_engine(url, pool_pre_ping=True, connect_args=args)
     engine = sa.create_engine(url)
     timeout_ms = max(int(busy_timeout * 1000), 0)

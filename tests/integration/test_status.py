@@ -20,6 +20,7 @@ from bus.status import collect_status, show_status
 from bus.topology import DEAD_EXCHANGE, declare_topology
 from bus.txlog import TxFilter, TxLog
 from bus.worker import Worker
+from producers.state import StateStore
 from tests.hostile import hostile_cases, publish, valid_cases
 from tests.proxy import TcpProxy
 from tests.support import pick_free_port, wait_for
@@ -46,10 +47,10 @@ def _quiet():
     return Console(file=open("/dev/null", "w"))  # noqa: SIM115 - closed with the process
 
 
-def _cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(path: Path, *args: str, columns: int = 200) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bus.cli", "status", "--config", str(path),
                            *args], cwd=ROOT, text=True, capture_output=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "200"})
+                          env={**os.environ, "COLUMNS": str(columns)})
 
 
 def _sync(env) -> int:
@@ -240,3 +241,49 @@ def test_status_of_every_config_on_the_broker_survives_hostile_dead_letters(
         table = _cli(path, "--no-probe")
         assert table.returncode == 1 and not table.stderr, table.stderr
         assert (f"{errors} transaction(s) in error" in table.stdout) == bool(errors)
+
+
+def test_a_two_way_link_shows_each_direction_and_both_sides_detectors(tmp_path, amqp_url):
+    env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/a.db",
+                   target_url=f"sqlite:///{tmp_path}/b.db", amqp_url=amqp_url,
+                   link={"direction": "both"}, target_ddl=NULLABLE)
+    insert_items(env.source(), range(1, 11))
+    with env.target().begin() as conn:  # side b's own records; 106 has no name, which a refuses
+        conn.execute(sa.text("INSERT INTO items (id, name, qty) VALUES (:id, :name, 1)"),
+                     [{"id": i, "name": None if i == 106 else f"b-{i}"} for i in range(101, 107)])
+    assert app.setup(env.config_path, echo=lambda _l: None) == 0
+    assert _sync(env) == app.EXIT_FAILED
+
+    code, report = _status(env.config_path)
+    assert code == 1
+    assert [d["name"] for d in report["detectors"]] == ["src.items", "dst.items"]
+    assert all(d["last_poll_at"] and d["cursor"] for d in report["detectors"])
+    rows = {lk["direction"]: lk for lk in report["links"]}
+    assert list(rows) == ["a2b", "b2a"] and {lk["name"] for lk in rows.values()} == {"items"}
+    assert (rows["a2b"]["source"], rows["a2b"]["target"]) == ("src.items", "dst.items")
+    assert (rows["b2a"]["source"], rows["b2a"]["target"]) == ("dst.items", "src.items")
+    assert (rows["a2b"]["applied_last_minute"], rows["a2b"]["error"]) == (10, 0)
+    assert (rows["b2a"]["applied_last_minute"], rows["b2a"]["error"]) == (5, 1)
+    assert rows["b2a"]["retry"] == rows["b2a"]["ready"] == 0
+    assert "link items (b → a): 1 transaction(s) in error (syncbus tx list --link items)" \
+        in report["problems"]
+
+    # Counted again from the dead-letter queue itself, the error stays with b → a.
+    StateStore(load_config(env.config_path).config.state.url).set_dead_counts({})
+    rows = {lk["direction"]: lk for lk in _status(env.config_path)[1]["links"]}
+    assert (rows["a2b"]["error"], rows["b2a"]["error"]) == (0, 1)
+
+    shown = _cli(env.config_path, "--no-probe", columns=80)
+    assert shown.returncode == 1, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, shown.stdout
+    cells = {line.split()[0] + " " + " ".join(line.split()[1:4]): line.split()[4:]
+             for line in lines if line.startswith("items (")}
+    # link, pending, retry, error, applied/min, last applied, state
+    assert cells["items (a → b)"][:4] == ["0", "0", "0", "10"], shown.stdout
+    assert cells["items (b → a)"][:4] == ["0", "0", "1", "5"], shown.stdout
+    assert cells["items (b → a)"][-1] == "errors", shown.stdout
+    assert "  src.items → dst.items" in shown.stdout and "  dst.items → src.items" in shown.stdout
+    detectors = [line.split()[0] for line in lines if line.startswith(("src.items", "dst.items"))]
+    assert detectors == ["src.items", "dst.items"], shown.stdout
+    assert " - link items (b → a): 1 transaction(s) in error" in shown.stdout

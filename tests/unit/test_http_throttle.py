@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from connectors._http import Throttle, retrying
-from connectors.base import PermanentError, TransientError
+from connectors._http import Throttle, retry_budget, retry_time_left, retrying
+from connectors.base import MAX_RETRY_SECONDS, ConnectorUnavailable, PermanentError, TransientError
 
 
 class FakeTime:
@@ -161,3 +161,50 @@ def test_retrying_without_throttle_sleeps_locally() -> None:
 
     assert retrying(op, attempts=3, sleep=slept.append) == "ok"
     assert slept[0] == 3 and 0 <= slept[1] <= 4
+
+
+def test_retrying_gives_up_within_the_budget_and_hands_the_wait_to_the_bus() -> None:
+    # Given a host that is down and a throttle whose backoff grows to a minute
+    fake = FakeTime()
+    throttle = Throttle(base_delay=2, max_delay=60, clock=fake.clock, sleep=fake.sleep)
+    calls: list[float] = []
+
+    def down() -> None:
+        calls.append(fake.now)
+        raise ConnectorUnavailable("cannot reach https://crm.example: connection refused")
+
+    # When a call retries with many attempts allowed
+    with pytest.raises(ConnectorUnavailable) as raised:
+        retrying(down, attempts=20, throttle=throttle)
+    # Then it stopped inside MAX_RETRY_SECONDS, and the error says how long the bus should wait
+    assert fake.now - calls[0] <= MAX_RETRY_SECONDS
+    assert len(calls) >= 3
+    assert raised.value.retry_after is not None
+    assert raised.value.retry_after == pytest.approx(throttle.paused_for)
+    assert fake.now - calls[0] + raised.value.retry_after > MAX_RETRY_SECONDS
+
+
+def test_a_call_meeting_a_long_shared_pause_fails_at_once_naming_the_cause() -> None:
+    # Given another caller's failure paused the host for 45 s
+    fake = FakeTime()
+    throttle = Throttle(clock=fake.clock, sleep=fake.sleep)
+    throttle.name = "crm.example"
+    throttle.pause(45, reason="503 Service Unavailable")
+    calls = []
+    # When a new call starts, it does not wait 45 s in-process
+    with pytest.raises(TransientError) as raised:
+        retrying(lambda: calls.append(1), throttle=throttle)
+    assert calls == [] and fake.slept == []
+    assert raised.value.retry_after == pytest.approx(45)
+    assert "crm.example: 503 Service Unavailable" in raised.value.message
+    # Outside a retry budget (a one-off tool) the pause is simply waited for
+    assert throttle.acquire() == pytest.approx(45)
+
+
+def test_nested_budgets_share_the_outermost_deadline() -> None:
+    fake = FakeTime()
+    with retry_budget(10, clock=fake.clock):
+        fake.now += 4
+        with retry_budget(30, clock=fake.clock):
+            assert retry_time_left() == pytest.approx(6)
+    assert retry_time_left() == float("inf")
