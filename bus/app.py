@@ -231,24 +231,32 @@ def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
 
 
 def login(path: Path, connection: str, *, echo: Echo = print) -> int:
-    """Interactive operator sign-in (device code) for a Dataverse connection."""
+    """Interactive operator sign-in (device code) for a Dataverse or Business Central
+    connection."""
     loaded = _load(path, echo)
     if loaded is None:
         return EXIT_CONFIG
     config = loaded.config.connections.get(connection)
-    if config is None or config.type != "dataverse":
-        names = [n for n, c in loaded.config.connections.items() if c.type == "dataverse"]
-        echo(f"{connection!r} is not a Dataverse connection of {path} "
+    if config is None or config.type == "sql":
+        names = [n for n, c in loaded.config.connections.items() if c.type != "sql"]
+        echo(f"{connection!r} is not a Dataverse or Business Central connection of {path} "
              f"(those are: {', '.join(names) or 'none'})")
         return EXIT_CONFIG
+    from connectors.business_central.auth import login as business_central_login
     from connectors.dataverse import login as dataverse_login
 
     try:
-        cache = dataverse_login(connection, config, echo)
+        if config.type == "dataverse":
+            cache = dataverse_login(connection, config, echo)
+        else:
+            cache = business_central_login(connection, config, echo)
     except BusError as exc:
         echo(f"sign-in failed: {exc.message}")
         return EXIT_FAILED
     echo(f"signed in; tokens kept in {cache} (readable by this user only)")
+    if config.client_secret is not None or config.certificate_path:
+        echo(f"note: {connection} has client_secret or certificate_path set, so syncbus uses "
+             "the application's credential, not this sign-in; remove them to use it")
     return EXIT_OK
 
 

@@ -132,10 +132,11 @@ def run(
 @cli.command()
 def login(
     config: ConfigOpt,
-    connection: Annotated[str, typer.Argument(help="The Dataverse connection to sign in to.")],
+    connection: Annotated[str, typer.Argument(
+        help="The Dataverse or Business Central connection to sign in to.")],
     log_level: LogLevel = "warning",
 ) -> None:
-    """Sign an operator in to a Dataverse connection with the device-code flow.
+    """Sign an operator in to a Dataverse or Business Central connection (device code).
 
     Prints a URL and a code to enter in a browser; the tokens are then kept in a
     cache readable by this user only and renewed automatically. A connection with

@@ -135,12 +135,17 @@ class LoadedConfig:
         return redact_text(text)
 
 
-def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
+                resolve_paths: bool = True) -> LoadedConfig:
     """Read, interpolate and validate a config file.
 
     Args:
         path: The YAML file.
         environ: Variables for ``${VAR}`` (default: ``os.environ``).
+        resolve_paths: Take relative paths (CA bundles, certificates, state
+            directories, SQLite files) from the file's directory, not the working
+            directory (:meth:`~schemas.config.SyncConfig.resolve_paths`); off only to
+            show the file as written (``config export``).
 
     Returns:
         The validated config with its line index.
@@ -171,6 +176,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
         found = [_humanize(err, data, walker.interpolated) for err in exc.errors()]
         found.sort(key=lambda item: draft.line_of(item[0]) or 0)
         raise _invalid(path, [draft.problem(loc, msg) for loc, msg in found]) from None
+    if resolve_paths:
+        config = config.resolve_paths(path.parent)
     return LoadedConfig(config, path, walker.lines, frozenset(walker.secrets))
 
 

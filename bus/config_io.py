@@ -160,7 +160,7 @@ def export_config(path: str | Path, *, environ: Mapping[str, str] | None = None)
         ConfigError: the file is invalid (located problems) or a URL hides a secret
             in a form that cannot be turned into a reference.
     """
-    loaded = load_config(path, environ=environ)
+    loaded = load_config(path, environ=environ, resolve_paths=False)  # paths as written
     problems = check_urls(loaded)
     if problems:
         raise ConfigError(f"{loaded.path}: invalid configuration", problems)

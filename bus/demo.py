@@ -20,10 +20,19 @@ checking its outcome on every system:
 
 A failed check ends the demo with exit code 1, naming the step. ``--keep-running``
 then leaves everything up (the worker keeps syncing) until Ctrl-C.
+
+Every command the demo suggests can be pasted as it is printed: it starts the way
+syncbus was started (``.venv/bin/syncbus`` when that is how the demo was run and
+``syncbus`` is not on the PATH; see :func:`syncbus_command`). The last screen says
+what the demo leaves behind (the emulators and the worker stop; the hub, the state
+store and the transaction log stay) and how to go on exploring.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -46,7 +55,7 @@ from connectors.base import BusError, WriteRow
 from producers.state import StateStore
 from schemas.config import SyncConfig
 
-__all__ = ["DemoFailed", "broker_problem", "run_demo"]
+__all__ = ["DemoFailed", "broker_problem", "run_demo", "syncbus_command"]
 
 #: Sync passes a step may take before the bus counts as not settling.
 SETTLE_ROUNDS = 8
@@ -66,17 +75,61 @@ _HUB_ACCOUNTS = (
     ("HUB-0003", "Morava Organic Foods", "Brno", "+420 5 4321 0099", "Petra", "Dvorakova"),
 )
 _COMPOSE = Path(__file__).resolve().parents[1] / "docker" / "compose.yml"
+#: Where the demo works unless ``--dir`` says otherwise.
+DEFAULT_DIR = Path(".syncbus/demo")
+#: The RabbitMQ the demo uses unless told otherwise.
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def syncbus_command(argv0: str | None = None, *, executable: str | None = None,
+                    path: str | None = None) -> tuple[str, str | None]:
+    """How to start syncbus in a command the user pastes, and a hint for shorter ones.
+
+    ``syncbus`` when that is on the PATH and is the program running; else the program
+    as it was started (``.venv/bin/syncbus`` after the README's one-liner), with the
+    hint to activate its virtual environment when it has one; when syncbus was not
+    started through its script (``python -m bus.cli``), this Python with ``-m bus.cli``.
+
+    Args:
+        argv0: The program as started (default ``sys.argv[0]``).
+        executable: The Python running (default ``sys.executable``).
+        path: The search path (default ``$PATH``).
+
+    Returns:
+        (the command's start, a line on how to shorten it or None).
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = sys.executable if executable is None else executable
+    path = os.environ.get("PATH", "") if path is None else path
+    on_path = shutil.which("syncbus", path=path)
+    script = Path(argv0)
+    if script.name != "syncbus":  # python -m bus.cli, or an embedding program
+        return ("syncbus", None) if on_path else (f"{shlex.quote(executable)} -m bus.cli", None)
+    if on_path and _same_file(on_path, script):
+        return "syncbus", None
+    activate = script.parent / "activate"
+    hint = (f"(or run `source {shlex.quote(str(activate))}` once, then type just `syncbus`)"
+            if activate.is_file() else None)
+    return shlex.quote(argv0), hint
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class DemoFailed(Exception):
     """A step's check failed (or the bus did not settle)."""
 
 
-def broker_problem(url: str) -> list[str]:
+def broker_problem(url: str, *, syncbus: str = "syncbus") -> list[str]:
     """Why RabbitMQ at ``url`` cannot be used, with how to get one; empty when it can.
 
     Args:
         url: The AMQP URL.
+        syncbus: How the commands shown start (see :func:`syncbus_command`).
 
     Returns:
         Lines for the user (the password masked), or ``[]``.
@@ -90,12 +143,12 @@ def broker_problem(url: str) -> list[str]:
     shown = redact_url(url)
     if "ACCESS_REFUSED" in reason or "403" in reason:
         return [f"RabbitMQ at {shown} refused the login: {reason}",
-                "Give the right user and password: syncbus demo --amqp-url "
+                f"Give the right user and password: {syncbus} demo --amqp-url "
                 "amqp://USER:PASSWORD@HOST:5672/ (or set SYNCBUS_AMQP_URL)."]
     compose = _compose_path()
     return [
         f"cannot reach RabbitMQ at {shown}: {reason}",
-        "The demo needs a RabbitMQ. Start one, then run `syncbus demo` again:",
+        f"The demo needs a RabbitMQ. Start one, then run `{syncbus} demo` again:",
         "  installed here:  sudo systemctl start rabbitmq-server   (or: sudo rabbitmq-server "
         "-detached)",
         "  not installed:   sudo apt-get install rabbitmq-server   (Debian, Ubuntu; "
@@ -103,8 +156,8 @@ def broker_problem(url: str) -> list[str]:
         f"  with Docker:     docker compose -f {compose} up -d rabbitmq   (three nodes behind "
         "HAProxy on 127.0.0.1:5672), then",
         "                   SYNCBUS_AMQP_URL=amqp://syncbus:syncbus-sandbox@127.0.0.1:5672/ "
-        "syncbus demo",
-        "  another broker:  syncbus demo --amqp-url amqp://USER:PASSWORD@HOST:5672/VHOST",
+        f"{syncbus} demo",
+        f"  another broker:  {syncbus} demo --amqp-url amqp://USER:PASSWORD@HOST:5672/VHOST",
     ]
 
 
@@ -130,7 +183,8 @@ def run_demo(directory: Path, *, amqp_url: str, accounts: int = 100, customers: 
             terminal.
         echo: Prints one plain line.
     """
-    if problem := broker_problem(amqp_url):
+    syncbus, hint = syncbus_command()
+    if problem := broker_problem(amqp_url, syncbus=syncbus):
         for line in problem:
             echo(line)
         return 1
@@ -142,13 +196,15 @@ def run_demo(directory: Path, *, amqp_url: str, accounts: int = 100, customers: 
         try:
             world.start()
             worker = _open_worker(world, view)
-            _Script(world, worker, view).play()
+            _Script(world, worker, view, syncbus).play()
             view.status = ""
             _print_totals(view, live)
             view.line(f"done in {time.monotonic() - started:.0f}s: every step arrived where it "
                       f"should. Config: {world.config_path}")
             if keep_running:
-                _keep_running(world, worker, view)
+                _keep_running(world, worker, view, syncbus, hint)
+            else:
+                _what_is_left(world, view, syncbus, hint, _rerun(directory, amqp_url))
         except (DemoFailed, BusError, OSError) as exc:
             view.status = ""
             _print_totals(view, live)
@@ -161,6 +217,41 @@ def run_demo(directory: Path, *, amqp_url: str, accounts: int = 100, customers: 
     return 0
 
 
+def _rerun(directory: Path, amqp_url: str) -> str:
+    """The options to give ``demo`` again to get the same demo (the URL's password masked)."""
+    options = ""
+    if directory.resolve() != DEFAULT_DIR.resolve():
+        options += f" --dir {shlex.quote(str(directory))}"
+    if amqp_url != os.environ.get("SYNCBUS_AMQP_URL", DEFAULT_AMQP_URL):
+        shown = redact_url(amqp_url)
+        options += f" --amqp-url {shlex.quote(shown)}"
+        if shown != amqp_url:
+            options += "   # put the broker's password back in place of ***"
+    return options
+
+
+def _what_is_left(world: DemoWorld, view: DemoView, syncbus: str, hint: str | None,
+                  rerun: str) -> None:
+    """The last screen of a demo that ends: what stays, what stops, how to go on."""
+    cfg = shlex.quote(str(world.config_path))
+    for line in (
+        "",
+        "The demo has ended: the Dynamics and Business Central emulators and the worker "
+        "stopped, so `status` and `run` would find both systems unreachable now. What stays "
+        f"in {world.dir}: the hub (hub.db), the state store (state.db) with the history and "
+        "the conflict log, and the offline-transaction log on RabbitMQ. These still work:",
+        f"  {syncbus} tx list -c {cfg} --status processed --limit 5   # what was applied",
+        f"  {syncbus} tx conflicts -c {cfg} --all   # the conflict log, both versions",
+        f"  {syncbus} tx stats -c {cfg}   # transactions per link and status",
+        f"  sqlite3 {shlex.quote(str(world.hub_path))} \"SELECT number, name FROM accounts "
+        "LIMIT 5\"   # the hub",
+        "To explore a running bus (status, live change events, your own edits syncing "
+        "between the three systems), start the demo with --keep-running: it keeps the "
+        "emulators and the worker up until Ctrl-C:",
+        f"  {syncbus} demo --keep-running{rerun}",
+        *([hint] if hint else []),
+    ):
+        view.line(line)
 def _open_worker(world: DemoWorld, view: DemoView) -> Worker:
     """Introduce the systems, clear an earlier run's leftovers, open the bus."""
     _introduce(world, view)
@@ -213,22 +304,26 @@ def _archive_earlier_errors(config: SyncConfig, view: DemoView) -> None:
                   "(now Archived)")
 
 
-def _keep_running(world: DemoWorld, worker: Worker, view: DemoView) -> None:
+def _keep_running(world: DemoWorld, worker: Worker, view: DemoView, syncbus: str,
+                  hint: str | None) -> None:
     """Sync continuously and show how to explore, until Ctrl-C."""
-    cfg = world.config_path
+    cfg = shlex.quote(str(world.config_path))
     urls = world.urls
     for line in (
         "Everything stays up and syncing until Ctrl-C. In another terminal:",
-        f"  syncbus status -c {cfg}                  # links, detectors, broker",
-        f"  syncbus tx list -c {cfg} --status processed   # what was applied",
-        f"  syncbus tx conflicts -c {cfg} --all      # the conflict log",
-        f"  syncbus tail 'demo_hub.#' -c {cfg}       # change events as they flow",
-        f"  sqlite3 {world.hub_path} \"UPDATE accounts SET city = 'Graz' WHERE number = "
-        "'ACC-000001'\"   # then watch it reach Dynamics and Business Central",
+        f"  {syncbus} status -c {cfg}                  # links, detectors, broker",
+        f"  {syncbus} tx list -c {cfg} --status processed   # what was applied",
+        f"  {syncbus} tx conflicts -c {cfg} --all      # the conflict log",
+        f"  {syncbus} tail 'demo_hub.#' -c {cfg}       # change events as they flow",
+        f"  sqlite3 {shlex.quote(str(world.hub_path))} \"UPDATE accounts SET city = 'Graz' "
+        "WHERE number = 'ACC-000001'\"   # then watch it reach Dynamics and Business Central",
         f"  Dataverse Web API:     {urls['Dataverse']}",
         f"  Business Central API:  {urls['Business Central']}",
         f"  (both trust the CA files under {world.dir / 'certs'}; credentials in "
         f"{world.dir / 'secrets'})",
+        *([f"  {hint}"] if hint else []),
+        "After Ctrl-C the emulators stop (then `status` finds them unreachable); the hub, "
+        "the state store and the transaction log stay.",
     ):
         view.line(line)
     view.status = "syncing; Ctrl-C stops"
@@ -253,9 +348,11 @@ def _keep_running(world: DemoWorld, worker: Worker, view: DemoView) -> None:
 class _Script:
     """The demo's steps over one world and one opened worker."""
 
-    def __init__(self, world: DemoWorld, worker: Worker, view: DemoView) -> None:
+    def __init__(self, world: DemoWorld, worker: Worker, view: DemoView,
+                 syncbus: str = "syncbus") -> None:
         self.world, self.worker, self.view = world, worker, view
-        self.config_path = world.config_path
+        self.config_path = shlex.quote(str(world.config_path))
+        self.syncbus = syncbus
         self.steps: list[Callable[[], str]] = [
             self.first_sync, self.rename_in_dynamics, self.credit_in_business_central,
             self.add_in_hub, self.delete_in_hub, self.conflict, self.rejected, self.replay]
@@ -369,7 +466,7 @@ class _Script:
         return (f"edited {number} in Dynamics ('{dynamics}') and in the hub ('{hub}') before "
                 "the next sync → Dynamics won everywhere (link demo_accounts, conflict: "
                 f"source_wins); conflict #{rows[0]['id']} keeps both versions: "
-                f"syncbus tx conflicts -c {self.config_path} --all")
+                f"{self.syncbus} tx conflicts -c {self.config_path} --all")
 
     def rejected(self) -> str:
         since = datetime.now(UTC)
@@ -386,7 +483,8 @@ class _Script:
         self.check(number not in self.world.hub_accounts(), f"{number} reached the hub")
         return (f"created {number} in Dynamics with a {len(LONG_NAME)}-character name → the "
                 f"hub refused it ({tx.error}); transaction {tx.id} waits in the "
-                f"offline-transaction log (Error): syncbus tx list -c {self.config_path}")
+                f"offline-transaction log (Error): {self.syncbus} tx list -c "
+                f"{self.config_path}")
 
     def replay(self) -> str:
         tx = self._rejected
@@ -405,7 +503,7 @@ class _Script:
         self.check(not left, f"transaction {tx.id} is still in error: {left[0].error}"
                    if left else "")
         return (f"widened the hub's accounts.name to {WIDE_NAME} characters (Business "
-                f"Central's limit) and replayed transaction {tx.id} (syncbus tx replay) → "
+                f"Central's limit) and replayed transaction {tx.id} ({self.syncbus} tx replay) → "
                 "it arrived in the hub and in Business Central")
 
     # -- helpers --------------------------------------------------------------------------

@@ -27,12 +27,18 @@ These models only check shape; ``bus.config`` loads the file (interpolating
 messages, and checks that need the live systems (unknown table or column, missing
 unique key on the target) are made by ``bus.validate``. The file format is
 documented in ``docs/configuration.md``.
+
+Relative paths in a config file (``ca_bundle``, ``certificate_path``, ``state_dir``,
+SQLite URLs such as ``sqlite:///hub.db``, the default state store and key index) mean
+"next to the config file": ``bus.config`` applies :meth:`SyncConfig.resolve_paths`
+with the file's directory, so a command behaves the same from any working directory.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -56,6 +62,7 @@ __all__ = [
     "CONNECTION_TYPES",
     "ConnectionConfig",
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_BC_INDEX_URL",
     "DEFAULT_OFFLINE_WINDOW",
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_POLL_INTERVAL",
@@ -77,6 +84,8 @@ __all__ = [
     "Transform",
     "map_key",
     "parse_duration",
+    "resolve_path",
+    "resolve_sqlite_url",
 ]
 
 #: Seconds between two polls of one source entity.
@@ -385,6 +394,10 @@ class BusinessCentralConnection(_OAuthConnection):
     conflict: Literal["retry_once", "fail"] = Field(
         default="retry_once",
         description="On a stale ETag (409/412): re-read and retry once, or fail at once.")
+    state_dir: str = Field(
+        default=".syncbus/business-central", description="Directory of the token cache of "
+        "an operator's sign-in (`syncbus login`): <connection>.tokens.json, owner-only; used "
+        "when neither client_secret nor certificate_path is set.")
 
 
 def _connection_type(value: Any) -> str | None:
@@ -789,6 +802,48 @@ class LinkConfig(_Model):
         }
 
 
+#: Default key index of a Business Central connection (``{name}``: the connection).
+DEFAULT_BC_INDEX_URL = "sqlite:///.syncbus/bc-{name}.db"
+_SQLITE_URL = re.compile(r"^(sqlite(?:\+\w+)?:///)([^?]*)(\?.*)?$", re.S)
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """A file or directory path of the config: relative ones are taken from ``base``.
+
+    Args:
+        value: The path as written (``~`` is the user's home).
+        base: The config file's directory (absolute).
+
+    Returns:
+        The path to use: ``value`` itself when absolute, else ``base / value``.
+    """
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def resolve_sqlite_url(url: str, base: Path) -> str:
+    """A SQLite URL whose relative database file is taken from ``base``; other URLs as given.
+
+    ``sqlite:///hub.db`` → ``sqlite:////<base>/hub.db``; ``sqlite:////abs/hub.db``,
+    in-memory databases (``sqlite://``, ``sqlite:///:memory:``), ``file:`` URIs and
+    every other database URL are left as they are.
+
+    Args:
+        url: A SQLAlchemy URL.
+        base: The config file's directory (absolute).
+
+    Returns:
+        The URL to use.
+    """
+    match = _SQLITE_URL.match(url)
+    if match is None:
+        return url
+    prefix, database, query = match.group(1), match.group(2), match.group(3) or ""
+    if not database or database == ":memory:" or database.startswith(("/", "file:")):
+        return url
+    return f"{prefix}{resolve_path(database, base)}{query}"
+
+
 class SyncConfig(_Model):
     """The whole configuration file."""
 
@@ -799,3 +854,36 @@ class SyncConfig(_Model):
     metrics: MetricsConfig = Field(
         default_factory=MetricsConfig,
         description="The worker's HTTP port for metrics and health (docs/operations.md).")
+
+    def resolve_paths(self, base: Path) -> SyncConfig:
+        """This config with every relative path taken from ``base`` (the file's directory).
+
+        Resolved: ``state.url`` (also the default ``sqlite:///.syncbus/state.db``), SQL
+        connections' SQLite ``url``, and of Dataverse and Business Central connections
+        ``ca_bundle``, ``certificate_path``, ``state_dir`` (also the default) and
+        Business Central's ``index_url`` (also the default, which is then written out).
+        URLs of servers (PostgreSQL, https, amqp) are not paths and stay as they are.
+
+        Args:
+            base: The directory relative paths start from.
+
+        Returns:
+            A copy; this config is not changed.
+        """
+        base = base.expanduser().resolve()
+        connections: dict[str, Any] = {}
+        for name, conn in self.connections.items():
+            update: dict[str, Any] = {}
+            if isinstance(conn, SqlConnection):
+                update["url"] = resolve_sqlite_url(conn.url, base)
+            else:
+                for key in ("ca_bundle", "certificate_path"):
+                    if (value := getattr(conn, key)) is not None:
+                        update[key] = resolve_path(value, base)
+                update["state_dir"] = resolve_path(conn.state_dir, base)
+                if isinstance(conn, BusinessCentralConnection):
+                    index = conn.index_url or DEFAULT_BC_INDEX_URL.format(name=name)
+                    update["index_url"] = resolve_sqlite_url(index, base)
+            connections[name] = conn.model_copy(update=update)
+        state = self.state.model_copy(update={"url": resolve_sqlite_url(self.state.url, base)})
+        return self.model_copy(update={"connections": connections, "state": state})

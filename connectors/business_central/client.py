@@ -3,7 +3,8 @@
 Features
     * MSAL client credentials for ``https://api.businesscentral.dynamics.com/.default``
       (through :class:`~connectors._http.TokenProvider`), renewed before expiry and
-      once more after a 401.
+      once more after a 401; without a secret or certificate, the token of an operator
+      who signed in with ``syncbus login`` (:mod:`connectors.business_central.auth`).
     * Addressing by tenant and environment
       (``<url>/v2.0/<tenant>/<environment>/api/<route>/…``) and by company, whose name
       or id is resolved once.
@@ -39,12 +40,11 @@ from connectors._http import (
     retrying,
 )
 from connectors.base import ConfigError
+from connectors.business_central.auth import BC_SCOPE, token_cache_path, uses_sign_in
 from schemas.config import BusinessCentralConnection
 
 __all__ = ["BCClient", "BC_SCOPE", "MAX_BATCH", "quote_key"]
 
-#: The scope of the Business Central API (client credentials).
-BC_SCOPE = "https://api.businesscentral.dynamics.com/.default"
 #: Operations Business Central accepts in one ``$batch``.
 MAX_BATCH = 100
 _JSON = "application/json"
@@ -68,7 +68,8 @@ class BCClient:
         self.name, self.config = name, config
         root = config.url.rstrip("/")
         self.base = f"{root}/v2.0/{config.tenant_id}/{config.environment}/api/"
-        self.tokens = TokenProvider(config, BC_SCOPE)
+        cache = token_cache_path(name, config.state_dir) if uses_sign_in(config) else None
+        self.tokens = TokenProvider(config, BC_SCOPE, cache_path=cache, connection=name)
         self.http = make_client(base_url=self.base, ca_bundle=config.ca_bundle,
                                 timeout=config.timeout, auth=self.tokens)
         self.throttle = Throttle.for_host(root)

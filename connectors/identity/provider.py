@@ -86,12 +86,14 @@ class TokenProvider:
         scope: The resource scope, e.g. ``https://org.crm.dynamics.com/.default``.
         cache_path: File to persist MSAL's token cache in (mode 0600); required for the
             delegated (device-code) mode, optional otherwise.
+        connection: The connection's name, for the ``syncbus login`` hint in errors.
     """
 
     def __init__(self, config: OAuthSettings, scope: str, *,
-                 cache_path: Path | None = None) -> None:
+                 cache_path: Path | None = None, connection: str | None = None) -> None:
         self.config = config
         self.scope = scope
+        self.connection = connection
         self._cache_path = cache_path
         self._cache = _load_cache(cache_path)
         self._lock = threading.Lock()
@@ -160,14 +162,15 @@ class TokenProvider:
         if isinstance(self._app, msal.ConfidentialClientApplication):
             return dict(self._app.acquire_token_for_client(scopes=[self.scope]))
         accounts = self._app.get_accounts()
+        login = f"syncbus login -c CONFIG {self.connection or 'CONNECTION'}"
         if not accounts:
             raise PermanentError(
                 f"no credential for client {self.config.client_id}: configure client_secret "
-                "or certificate_path, or sign in once with the device-code login")
+                f"or certificate_path, or sign in once with the device-code login ({login})")
         result = self._app.acquire_token_silent_with_error([self.scope], account=accounts[0])
         if result is None:
             raise PermanentError("the operator's sign-in has expired; sign in again with the "
-                                 "device-code login")
+                                 f"device-code login ({login})")
         return dict(result)
 
 

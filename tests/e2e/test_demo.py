@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from bus.config import load_config
-from bus.demo import LONG_NAME
+from bus.demo import LONG_NAME, syncbus_command
 from bus.txlog import TxLog
 from connectors.business_central.emulator import BusinessCentralEmulator
 from connectors.dataverse.emulator.model import DEFAULT_ENTITIES
@@ -79,12 +80,26 @@ def _business_central(demo: Path) -> dict[str, tuple[Any, ...]]:
         bc.store.close()
 
 
+def _venv_script(bin_dir: Path) -> Path:
+    """A ``syncbus`` console script like pip's, in ``bin_dir`` (not on the PATH)."""
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "syncbus"
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                      "from bus.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    (bin_dir / "activate").write_text("# the venv's activation script\n")
+    return script
+
+
 def test_the_demo_plays_every_step_and_leaves_the_three_systems_equal(tmp_path, amqp_url):
+    # Run as after the README's one-liner: .venv/bin/syncbus, with syncbus not on the PATH.
+    _venv_script(tmp_path / ".venv" / "bin")
     demo = tmp_path / "demo"
     started = time.monotonic()
+    env = {**os.environ, "PATH": os.defpath}
     result = subprocess.run(
-        [sys.executable, "-m", "bus.cli", "demo", "--dir", str(demo), "--amqp-url", amqp_url],
-        cwd=ROOT, text=True, capture_output=True, timeout=DEMO_TIMEOUT)
+        [".venv/bin/syncbus", "demo", "--dir", "demo", "--amqp-url", amqp_url],
+        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=DEMO_TIMEOUT)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert time.monotonic() - started < DEMO_TIMEOUT
@@ -92,6 +107,28 @@ def test_the_demo_plays_every_step_and_leaves_the_three_systems_equal(tmp_path, 
     assert [s.split(":")[0] for s in steps] == [f"step {n}/8" for n in range(1, 9)], out
     assert "┏" not in result.stdout  # no live view when stdout is not a terminal
     assert "demo_accounts (dynamics.account → hub.accounts): " in result.stdout
+
+    # Every syncbus command it suggests starts as the demo was started (pasteable).
+    suggested = re.findall(r"([^\s(`]*)syncbus (?:tx|status|tail|demo) ", result.stdout)
+    assert suggested and set(suggested) == {".venv/bin/"}, out
+    assert "source .venv/bin/activate" in result.stdout
+    # The last screen says what is left and how to keep exploring.
+    last = result.stdout[result.stdout.index("The demo has ended"):]
+    assert "emulators and the worker stopped" in last
+    assert f"{demo}" in last and "hub.db" in last
+    assert ".venv/bin/syncbus demo --keep-running --dir demo --amqp-url" in last
+    pasted = [line.strip() for line in last.splitlines()
+              if line.startswith("  .venv/bin/syncbus tx ")]
+    assert len(pasted) == 3, last
+    outputs = []
+    for command in pasted:  # they work after the demo, with the emulators gone
+        ran = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, text=True,
+                             capture_output=True, timeout=60)
+        assert ran.returncode == 0, f"{command}:\n{ran.stdout}{ran.stderr}"
+        assert "Traceback" not in ran.stderr
+        outputs.append(ran.stdout)
+    assert "5 processed transaction(s)" in outputs[0]
+    assert "demo_acc" in outputs[1]  # the conflict of demo_accounts
 
     # The three systems hold the same accounts, the hub and Dataverse the same contacts.
     hub_accounts, hub_contacts = _hub(demo)
@@ -173,7 +210,9 @@ def test_keep_running_shows_the_live_view_and_leaves_the_bus_up_until_ctrl_c(tmp
         out = term.output
         assert "events per link direction" in out and "┏" in out  # the live table
         assert "step 8/8: " in out
-        assert f"syncbus status -c {config_path}" in out
+        assert f"syncbus status -c {config_path}" in out or \
+            f"-m bus.cli status -c {config_path}" in out
+        assert "After Ctrl-C the emulators stop" in out
         status = subprocess.run([sys.executable, "-m", "bus.cli", "status", "-c",
                                  str(config_path)], cwd=ROOT, text=True, capture_output=True,
                                 timeout=60)
@@ -214,3 +253,28 @@ def test_without_rabbitmq_the_demo_says_how_to_get_one(tmp_path):
     assert "docker compose -f docker/compose.yml up -d rabbitmq" in out
     assert "rabbitmq-server" in out
     assert not (tmp_path / "demo").exists()  # nothing was started
+
+
+def test_the_commands_shown_start_as_syncbus_was_started(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = _venv_script(tmp_path / ".venv" / "bin")
+    elsewhere = tmp_path / "other-bin"
+    elsewhere.mkdir()
+    # After the one-liner: not on the PATH, so the path as typed, and how to activate.
+    assert syncbus_command(".venv/bin/syncbus", path=str(elsewhere)) == (
+        ".venv/bin/syncbus", "(or run `source .venv/bin/activate` once, then type just "
+        "`syncbus`)")
+    # Activated (or installed on the PATH): plain syncbus.
+    assert syncbus_command(str(script), path=f"{elsewhere}:{script.parent}") == (
+        "syncbus", None)
+    # Another syncbus on the PATH is not the one running: the running one is named.
+    other = elsewhere / "syncbus"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    assert syncbus_command(str(script), path=str(elsewhere))[0] == str(script)
+    # python -m bus.cli: this Python, unless a syncbus is on the PATH.
+    assert syncbus_command(str(ROOT / "bus" / "cli.py"), executable="/opt/py/bin/python3",
+                           path=str(tmp_path)) == ("/opt/py/bin/python3 -m bus.cli", None)
+    # A path with a space is quoted for the shell.
+    spaced = _venv_script(tmp_path / "my env" / "bin")
+    assert syncbus_command(str(spaced), path=str(tmp_path))[0] == f"'{spaced}'"

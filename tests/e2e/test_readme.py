@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,18 @@ def test_the_walkthrough_and_the_operations_commands_run_as_written(tmp_path, am
     exports = dict(re.findall(r"^export (\w+)=(\S+)", steps, re.M))
     env = {**os.environ, **exports, "PYTHONPATH": str(ROOT)}
     loaded = yaml.safe_load(config.replace("8701", port))
-    assert loaded["broker"]["url"] == "amqp://guest:guest@127.0.0.1:5672/"
-    loaded["broker"]["url"] = amqp_url
+    # The README practises what it preaches: no secret is inline (the broker's password
+    # is a reference with a default), and the test keeps the reference, only the vhost
+    # (and a non-default password, through the variable) is the test's own.
+    reference = "${RABBIT_PASSWORD:-guest}"
+    assert loaded["broker"]["url"] == f"amqp://guest:{reference}@127.0.0.1:5672/"
+    assert all("${" in str(c.get("client_secret", "${")) for c in loaded["connections"].values())
+    parts = urllib.parse.urlsplit(amqp_url)
+    env.pop("RABBIT_PASSWORD", None)
+    if parts.password != "guest":
+        env["RABBIT_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    loaded["broker"]["url"] = urllib.parse.urlunsplit(parts._replace(
+        netloc=f"{parts.username}:{reference}@{parts.hostname}:{parts.port or 5672}"))
     (tmp_path / "sync.yaml").write_text(yaml.safe_dump(loaded, sort_keys=False))
 
     [emulator_args] = _commands(emulate)
@@ -74,6 +85,14 @@ def test_the_walkthrough_and_the_operations_commands_run_as_written(tmp_path, am
         assert "OK — 2 connections, 1 link" in outputs["validate"]
         assert "a2b: 50 record(s) sent" in outputs["sync-all"]
         assert "crm.account.upsert" in outputs["tail"]
+        # Export and re-import keep every reference as written, without warnings, and
+        # need no variable the README does not set.
+        exported = (tmp_path / "backup.yaml").read_text()
+        assert reference in exported and "${CRM_SECRET}" in exported
+        assert "ca_bundle: .syncbus/certs/ca.pem" in exported  # paths as written
+        assert not [out for args, out in ran if args[0] == "config" and "inline" in out]
+        assert yaml.safe_load((tmp_path / "restored.yaml").read_text()) == \
+            yaml.safe_load(exported)
 
         operations = _section("Operations")
         commands = _commands(_blocks(operations, "sh")[0])
