@@ -581,3 +581,120 @@ def test_seed_loads_accounts_with_contacts(cert_dir):
         assert all(c["_parentcustomerid_value"] in ids for c in contacts)
         assert all(a["_primarycontactid_value"] for a in accounts)
         assert sorted(a["accountnumber"] for a in accounts)[0] == "ACC-000001"
+
+
+# -- bulk operation messages ---------------------------------------------------------------
+
+_ACCOUNT_TYPE = "Microsoft.Dynamics.CRM.account"
+
+
+def test_create_multiple_returns_the_ids_of_the_created_records(api):
+    """CreateMultiple answers 200 with ``Ids`` in request order.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/createmultiple
+    (request and response example) and .../data-platform/bulk-operations.
+    """
+    targets = [{"@odata.type": _ACCOUNT_TYPE, "name": f"Bulk {n}", "accountnumber": f"BK-{n}"}
+               for n in range(3)]
+    response = api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple",
+                        json={"Targets": targets})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["@odata.context"].endswith("$metadata#Microsoft.Dynamics.CRM.CreateMultipleResponse")
+    assert len(body["Ids"]) == 3
+    for n, row_id in enumerate(body["Ids"]):
+        assert api.get(f"accounts({row_id})").json()["accountnumber"] == f"BK-{n}"
+
+
+def test_upsert_multiple_creates_and_updates_by_alternate_key_and_answers_204(api):
+    """UpsertMultiple names rows by ``@odata.id`` (alternate key) or the primary id; 204.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/upsertmultiple
+    ("The UpsertMultiple action returns 204 NoContent"; ``@odata.id`` with an alternate key).
+    """
+    existing = _create(api, "accounts", {"name": "Old", "accountnumber": "UP-1"})
+    new_id = "5d9e4a1e-0000-4000-8000-000000000001"
+    response = api.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple", json={"Targets": [
+        {"@odata.type": _ACCOUNT_TYPE, "@odata.id": "accounts(accountnumber='UP-1')",
+         "name": "Updated"},
+        {"@odata.type": _ACCOUNT_TYPE, "@odata.id": "accounts(accountnumber='UP-2')",
+         "name": "Created by key"},
+        {"@odata.type": _ACCOUNT_TYPE, "accountid": new_id, "name": "Created by id"}]})
+    assert response.status_code == 204, response.text
+    assert response.content == b""
+    assert api.get(f"accounts({existing})").json()["name"] == "Updated"
+    assert api.get("accounts(accountnumber='UP-2')").json()["name"] == "Created by key"
+    assert api.get(f"accounts({new_id})").json()["name"] == "Created by id"
+
+
+def test_update_multiple_needs_existing_rows(api):
+    """UpdateMultiple updates only: a missing row fails the request with a 404.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/updatemultiple
+    and .../data-platform/bulk-operations (UpdateMultiple: each record needs its key).
+    """
+    row = _create(api, "accounts", {"name": "Before"})
+    ok = api.post("accounts/Microsoft.Dynamics.CRM.UpdateMultiple", json={"Targets": [
+        {"@odata.type": _ACCOUNT_TYPE, "accountid": row, "name": "After"}]})
+    assert ok.status_code == 204, ok.text
+    assert api.get(f"accounts({row})").json()["name"] == "After"
+    missing = api.post("accounts/Microsoft.Dynamics.CRM.UpdateMultiple", json={"Targets": [
+        {"@odata.type": _ACCOUNT_TYPE, "accountid": "00000000-0000-4000-8000-0000000000ff",
+         "name": "Nobody"}]})
+    assert missing.status_code == 404
+    assert "Does Not Exist" in _error(missing)["message"]
+
+
+def test_bulk_message_is_all_or_nothing_with_the_failing_records_error(api):
+    """One bad record fails a bulk message on a standard table and nothing is written.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/bulk-operations
+    (standard tables: an error in any record rolls the whole operation back).
+    """
+    targets = [{"@odata.type": _ACCOUNT_TYPE, "@odata.id": f"accounts(accountnumber='AN-{n}')",
+                "name": f"Row {n}"} for n in range(5)]
+    targets[3]["numberofemployees"] = -5  # out of range
+    response = api.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple",
+                        json={"Targets": targets})
+    assert response.status_code == 400
+    error = _error(response)
+    assert "numberofemployees" in error["message"] and error["code"]
+    assert api.get("accounts?$filter=startswith(accountnumber,'AN-')").json()["value"] == []
+
+
+def test_bulk_message_limits_and_required_type_annotation(emu, api):
+    """``@odata.type`` is required on every target; the record count is capped.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/createmultiple
+    ("You must specify the @odata.type annotation with every item in the Targets
+    parameter"). The cap is the emulator's ``Settings.max_bulk`` (Microsoft documents no
+    fixed number; see docs/dataverse.md).
+    """
+    untyped = api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple",
+                       json={"Targets": [{"name": "No type"}]})
+    assert untyped.status_code == 400 and "@odata.type" in _error(untyped)["message"]
+    emu.service.settings.max_bulk = 2
+    too_many = api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple", json={
+        "Targets": [{"@odata.type": _ACCOUNT_TYPE, "name": str(n)} for n in range(3)]})
+    assert too_many.status_code == 400 and "maximum of 2" in _error(too_many)["message"]
+    wrong_type = api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple", json={
+        "Targets": [{"@odata.type": "Microsoft.Dynamics.CRM.contact", "lastname": "X"}]})
+    assert wrong_type.status_code == 400
+
+
+def test_delete_multiple_is_for_elastic_tables_and_tables_may_lack_bulk_messages(emu, api):
+    """DeleteMultiple is documented for elastic tables only; a table without the bulk
+    messages answers like an unknown segment.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/bulk-operations
+    ("DeleteMultiple: for elastic tables only"; not every table supports the messages).
+    """
+    response = api.post("accounts/Microsoft.Dynamics.CRM.DeleteMultiple",
+                        json={"Targets": []})
+    assert response.status_code == 400 and "elastic" in _error(response)["message"]
+    emu.define_entity(entity("new_legacy", attributes=[attribute("name")],
+                             bulk_messages=False))
+    refused = api.post("new_legacys/Microsoft.Dynamics.CRM.CreateMultiple", json={
+        "Targets": [{"@odata.type": "Microsoft.Dynamics.CRM.new_legacy", "name": "x"}]})
+    assert refused.status_code == 404
+    assert "Microsoft.Dynamics.CRM.CreateMultiple" in _error(refused)["message"]

@@ -179,6 +179,9 @@ class EntityDef:
     change_tracking: bool = True
     display_name: str | None = None
     object_type_code: int = 10000
+    #: Whether the bound bulk actions (CreateMultiple, UpdateMultiple, UpsertMultiple)
+    #: are available for the table (Dataverse: most tables, not all).
+    bulk_messages: bool = True
     _by_name: dict[str, AttributeDef] = field(
         default_factory=dict, compare=False, repr=False, hash=False)
 
@@ -253,7 +256,8 @@ def attribute(logical_name: str, type_: str = "String", **options: Any) -> Attri
 def entity(logical_name: str, *, entity_set: str | None = None, primary_name: str | None = "name",
            attributes: tuple[AttributeDef, ...] | list[AttributeDef] = (),
            keys: dict[str, tuple[str, ...]] | None = None, change_tracking: bool = True,
-           display_name: str | None = None, object_type_code: int = 10000) -> EntityDef:
+           display_name: str | None = None, object_type_code: int = 10000,
+           bulk_messages: bool = True) -> EntityDef:
     """Declare a table with Dataverse's system columns added.
 
     Args:
@@ -265,6 +269,8 @@ def entity(logical_name: str, *, entity_set: str | None = None, primary_name: st
         change_tracking: Whether ``Prefer: odata.track-changes`` is allowed.
         display_name: Label in the metadata (default: the logical name).
         object_type_code: ObjectTypeCode in the metadata.
+        bulk_messages: Whether CreateMultiple / UpdateMultiple / UpsertMultiple are
+            available for the table.
 
     Returns:
         The table definition.
@@ -300,7 +306,7 @@ def entity(logical_name: str, *, entity_set: str | None = None, primary_name: st
         primary_id=primary_id, primary_name=primary_name,
         attributes=(system[0], *own, *system[1:]), keys=key_defs,
         change_tracking=change_tracking, display_name=display_name or logical_name.title(),
-        object_type_code=object_type_code,
+        object_type_code=object_type_code, bulk_messages=bulk_messages,
     )
 
 

@@ -43,7 +43,7 @@ from connectors.dataverse.emulator.http import (
     json_response,
 )
 from connectors.dataverse.emulator.keys import parse_key_segment
-from connectors.dataverse.emulator.model import AttributeDef, EntityDef
+from connectors.dataverse.emulator.model import NAMESPACE, AttributeDef, EntityDef
 from connectors.dataverse.emulator.odata import (
     Getter,
     compile_filter,
@@ -83,6 +83,9 @@ class Settings:
     expired_token_status: int = 400
     #: Largest ``$batch`` (operations).
     max_batch: int = 1000
+    #: Most records in one CreateMultiple / UpdateMultiple / UpsertMultiple (Microsoft
+    #: documents no fixed number; unconfirmed, hence a knob).
+    max_bulk: int = 1000
 
 
 @dataclass(slots=True)
@@ -123,7 +126,7 @@ class Service:
         return self._route(req)
 
     def _route(self, req: ApiRequest) -> ApiResponse:
-        from connectors.dataverse.emulator import batch, delta, metadata, writes
+        from connectors.dataverse.emulator import batch, bulk, delta, metadata, writes
 
         path = req.path
         if path == "$batch":
@@ -139,6 +142,8 @@ class Service:
             raise ODataError(404, "0x80060888", f"Resource not found for the segment '{name}'.")
         rest = segments[1:]
         if key is None:
+            if len(rest) == 1 and rest[0].startswith(NAMESPACE + "."):
+                return bulk.handle(self, table, rest[0], req)
             if rest == ["$count"]:
                 return delta.count(self, table, req) if "$deltatoken" in req.query else self._count(table, req)
             if rest:
