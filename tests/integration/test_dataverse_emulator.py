@@ -698,3 +698,87 @@ def test_delete_multiple_is_for_elastic_tables_and_tables_may_lack_bulk_messages
         "Targets": [{"@odata.type": "Microsoft.Dynamics.CRM.new_legacy", "name": "x"}]})
     assert refused.status_code == 404
     assert "Microsoft.Dynamics.CRM.CreateMultiple" in _error(refused)["message"]
+
+
+# -- option-set metadata and refusals instead of silent answers -----------------------------
+
+
+def test_picklist_metadata_with_expanded_option_set(api):
+    """The query client libraries send before writing option values.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/query-metadata-web-api
+    ("Retrieving attributes": cast to PicklistAttributeMetadata and
+    ``$expand=OptionSet($select=Options),GlobalOptionSet($select=Options)``).
+    """
+    response = api.get("EntityDefinitions(LogicalName='account')/Attributes/"
+                       "Microsoft.Dynamics.CRM.PicklistAttributeMetadata", params={
+                           "$select": "LogicalName",
+                           "$expand": "OptionSet($select=Options),GlobalOptionSet($select=Options)"})
+    assert response.status_code == 200, response.text
+    items = {i["LogicalName"]: i for i in response.json()["value"]}
+    assert set(items) == {"industrycode"}
+    options = items["industrycode"]["OptionSet"]["Options"]
+    assert [o["Value"] for o in options] == list(range(1, 34))
+    assert options[0]["Label"]["UserLocalizedLabel"]["Label"]
+    assert items["industrycode"]["GlobalOptionSet"] is None
+    state = api.get("EntityDefinitions(LogicalName='account')/Attributes/"
+                    "Microsoft.Dynamics.CRM.StateAttributeMetadata",
+                    params={"$select": "LogicalName", "$expand": "OptionSet"}).json()["value"][0]
+    assert [(o["Value"], o["Label"]["UserLocalizedLabel"]["Label"])
+            for o in state["OptionSet"]["Options"]] == [(0, "Active"), (1, "Inactive")]
+    assert state["OptionSet"]["OptionSetType"] == "State"
+    # OptionSet is a property of the enum attribute types only, not of AttributeMetadata
+    plain = api.get("EntityDefinitions(LogicalName='account')/Attributes",
+                    params={"$expand": "OptionSet"})
+    assert plain.status_code == 400 and "OptionSet" in _error(plain)["message"]
+
+
+def test_metadata_filter_on_an_unknown_property_is_a_400(api):
+    """Dataverse validates ``$filter`` properties against the metadata type.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/query-metadata-web-api
+    (filtering EntityDefinitions and Attributes by their properties) and the error
+    shape of .../webapi/compose-http-requests-handle-errors.
+    """
+    bad = api.get("EntityDefinitions", params={"$filter": "NoSuchProperty eq true"})
+    assert bad.status_code == 400
+    assert _error(bad)["message"] == ("Could not find a property named 'NoSuchProperty' on "
+                                      "type 'Microsoft.Dynamics.CRM.EntityMetadata'.")
+    bad_attr = api.get("EntityDefinitions(LogicalName='account')/Attributes",
+                       params={"$filter": "Bogus eq 1"})
+    assert bad_attr.status_code == 400 and "AttributeMetadata" in _error(bad_attr)["message"]
+    good = api.get("EntityDefinitions", params={"$filter": "ChangeTrackingEnabled eq true",
+                                                "$select": "LogicalName"})
+    assert good.status_code == 200 and good.json()["value"]
+
+
+@pytest.mark.parametrize("query", [
+    {"fetchXml": "<fetch><entity name='account'><attribute name='name'/></entity></fetch>"},
+    {"sql": "SELECT name FROM account WHERE name = 'x'"},
+    {"savedQuery": "00000000-0000-0000-0000-000000000001"}])
+def test_queries_the_emulator_does_not_run_are_refused_not_ignored(api, query):
+    """Dataverse runs these (learn.microsoft.com/power-apps/developer/data-platform/fetchxml/
+    retrieve-data?tabs=webapi, .../webapi/retrieve-and-execute-predefined-queries); the
+    emulator answers 501 with Dataverse's error body instead of every row unfiltered."""
+    _create(api, "accounts", {"name": "Visible"})
+    response = api.get("accounts", params=query)
+    assert response.status_code == 501
+    assert "not supported by the emulator" in _error(response)["message"]
+
+
+def test_unknown_options_and_expand_on_a_single_record_are_400(api):
+    """Unknown system query options are an error in OData, and ``$expand`` on a record is
+    not silently dropped.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/retrieve-entity-using-web-api
+    (``$select``/``$expand`` on a single record) and .../webapi/compose-http-requests-handle-errors.
+    """
+    row = _create(api, "accounts", {"name": "One"})
+    for target, params in [("accounts", {"$bogus": "1"}), (f"accounts({row})", {"$bogus": "1"}),
+                           (f"accounts({row})", {"$expand": "primarycontactid"}),
+                           (f"accounts({row})", {"$filter": "name eq 'One'"}),
+                           (f"accounts({row})/name", {"$bogus": "1"})]:
+        response = api.get(target, params=params)
+        assert response.status_code == 400, (target, params, response.text)
+        assert _error(response)["code"] == "0x80060888"
+    assert api.get(f"accounts({row})", params={"$select": "name"}).json()["name"] == "One"

@@ -102,6 +102,8 @@ class AttributeDef:
         valid_for_update: Writable on update.
         attribute_of: Column this one belongs to (the ``…type`` column of a lookup).
         display_name: Label shown in the metadata.
+        option_labels: Labels of ``options``, in order (default: "Active"/"Inactive"
+            for State columns, "Option <n>" otherwise).
     """
 
     logical_name: str
@@ -118,6 +120,15 @@ class AttributeDef:
     valid_for_update: bool = True
     attribute_of: str | None = None
     display_name: str | None = None
+    option_labels: tuple[str, ...] = ()
+
+    def option_label(self, value: int) -> str:
+        """The label of one option value."""
+        if value in self.options and len(self.option_labels) == len(self.options):
+            return self.option_labels[self.options.index(value)]
+        if self.type == "State":
+            return {0: "Active", 1: "Inactive"}.get(value, f"State {value}")
+        return f"Option {value}"
 
     @property
     def is_lookup(self) -> bool:
@@ -365,6 +376,8 @@ def entity_to_json(entity: EntityDef) -> dict[str, Any]:
 def entity_from_json(data: dict[str, Any]) -> EntityDef:
     """The table definition :func:`entity_to_json` wrote."""
     attrs = tuple(AttributeDef(**{**a, "targets": tuple(a["targets"]),
-                                  "options": tuple(a["options"])}) for a in data["attributes"])
+                                  "options": tuple(a["options"]),
+                                  "option_labels": tuple(a.get("option_labels") or ())})
+                  for a in data["attributes"])
     keys = tuple(KeyDef(k["name"], tuple(k["attributes"])) for k in data["keys"])
     return EntityDef(**{**data, "attributes": attrs, "keys": keys})
