@@ -782,3 +782,41 @@ def test_unknown_options_and_expand_on_a_single_record_are_400(api):
         assert response.status_code == 400, (target, params, response.text)
         assert _error(response)["code"] == "0x80060888"
     assert api.get(f"accounts({row})", params={"$select": "name"}).json()["name"] == "One"
+
+
+def test_relationships_carry_the_schema_names_of_a_real_organisation(api):
+    """``$expand`` and associate code written against a real org use these names.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/associate-disassociate-entities-using-web-api
+    (``contact_customer_accounts``) and the account/contact table references
+    (.../reference/entities/account: ``account_primary_contact``).
+    """
+    to_one = api.get("EntityDefinitions(LogicalName='contact')/ManyToOneRelationships",
+                     params={"$select": "SchemaName,ReferencedEntity"}).json()["value"]
+    assert {(r["SchemaName"], r["ReferencedEntity"]) for r in to_one} >= {
+        ("contact_customer_accounts", "account"), ("contact_customer_contacts", "contact")}
+    from_account = api.get("EntityDefinitions(LogicalName='account')/ManyToOneRelationships",
+                           params={"$select": "SchemaName"}).json()["value"]
+    assert [r["SchemaName"] for r in from_account] == ["account_primary_contact"]
+    to_many = api.get("EntityDefinitions(LogicalName='account')/OneToManyRelationships",
+                      params={"$select": "SchemaName,ReferencedEntityNavigationPropertyName"})
+    assert {r["ReferencedEntityNavigationPropertyName"] for r in to_many.json()["value"]} == {
+        "contact_customer_accounts"}
+
+
+def test_batch_request_lines_may_carry_unencoded_spaces(api):
+    """The service takes the URL between the first and the last space of a request line.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/execute-batch-operations-using-web-api
+    (its examples send ``$filter`` and ``$select`` unencoded inside the batch).
+    """
+    _create(api, "accounts", {"name": "Spaced Out", "accountnumber": "SP-1"})
+    body = ("--batch_sp\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+            "\r\nGET /api/data/v9.2/accounts?$select=name&$filter=name eq 'Spaced Out' HTTP/1.1\r\n"
+            "Accept: application/json\r\n\r\n--batch_sp--\r\n")
+    response = api.post("$batch", content=body.encode(),
+                        headers={"Content-Type": "multipart/mixed; boundary=batch_sp"})
+    assert response.status_code == 200, response.text
+    [result] = decode_responses(response.content, response.headers["content-type"])
+    assert result.status == 200, result.body
+    assert [r["name"] for r in json.loads(result.body)["value"]] == ["Spaced Out"]

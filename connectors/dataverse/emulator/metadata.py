@@ -36,7 +36,13 @@ from typing import TYPE_CHECKING, Any
 from connectors.dataverse.emulator.errors import ODataError, bad_query, unknown_property
 from connectors.dataverse.emulator.http import ApiRequest, ApiResponse, json_response
 from connectors.dataverse.emulator.keys import parse_key_segment
-from connectors.dataverse.emulator.model import NAMESPACE, AttributeDef, EntityDef, metadata_id
+from connectors.dataverse.emulator.model import (
+    NAMESPACE,
+    AttributeDef,
+    EntityDef,
+    metadata_id,
+    relationship_name,
+)
 from connectors.dataverse.emulator.odata import (
     Getter,
     compile_filter,
@@ -333,7 +339,7 @@ def _collection(service: Service, entity: EntityDef, name: str) -> list[Item]:
 
 
 def _relationship(entity: EntityDef, attr: AttributeDef, target: str, nav: str) -> Item:
-    schema = f"{entity.logical_name}_{attr.logical_name}_{target}"
+    schema = relationship_name(entity.logical_name, attr.logical_name, target)
     return {"MetadataId": metadata_id(schema), "SchemaName": schema,
             "RelationshipType": "OneToManyRelationship", "ReferencedEntity": target,
             "ReferencedAttribute": f"{target}id", "ReferencingEntity": entity.logical_name,
@@ -428,7 +434,7 @@ def _entity_type(schema: ET.Element, entity: EntityDef, annotations: bool) -> No
     for nav, (attr, target) in entity.navigation().items():
         nav_node = ET.SubElement(node, "NavigationProperty", {
             "Name": nav, "Type": f"mscrm.{target}",
-            "Partner": f"{entity.logical_name}_{attr.logical_name}_{target}"})
+            "Partner": relationship_name(entity.logical_name, attr.logical_name, target)})
         ET.SubElement(nav_node, "ReferentialConstraint", {
             "Property": attr.property_name, "ReferencedProperty": f"{target}id"})
     if entity.keys:

@@ -360,6 +360,20 @@ CONTACT = entity(
     ],
 )
 
+#: Schema names of the seeded tables' relationships, as in a real organisation;
+#: (referencing table, lookup column, referenced table) → name. Others are generated.
+RELATIONSHIP_NAMES = {
+    ("contact", "parentcustomerid", "account"): "contact_customer_accounts",
+    ("contact", "parentcustomerid", "contact"): "contact_customer_contacts",
+    ("account", "primarycontactid", "contact"): "account_primary_contact",
+}
+
+
+def relationship_name(entity: str, column: str, target: str) -> str:
+    """The SchemaName of the one-to-many relationship behind a lookup (``account_primary_contact``)."""
+    return RELATIONSHIP_NAMES.get((entity, column, target), f"{entity}_{column}_{target}")
+
+
 #: The tables every emulator starts with.
 DEFAULT_ENTITIES: tuple[EntityDef, ...] = (ACCOUNT, CONTACT)
 
