@@ -264,6 +264,10 @@ class DataverseConnection(_OAuthConnection):
     type: Literal["dataverse"] = "dataverse"
     url: str = Field(description="Organisation URL, e.g. https://contoso.crm4.dynamics.com")
     batch_size: int = Field(default=1000, ge=1, le=1000, description="Operations per $batch.")
+    bulk_size: int = Field(
+        default=500, ge=0, le=1000, description="Records per UpsertMultiple request (bulk "
+        "operation message); tables without the message, and deletes, go through $batch. "
+        "0 writes everything through $batch.")
     page_size: int = Field(default=5000, ge=1, le=5000, description="odata.maxpagesize.")
     entities: list[str] | None = Field(
         default=None, description="Tables (logical names) to describe; default all. Listing "

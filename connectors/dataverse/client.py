@@ -38,6 +38,7 @@ import structlog
 import tenacity
 
 from connectors._http import (
+    TRANSIENT_STATUSES,
     OAuthSettings,
     Throttle,
     TokenProvider,
@@ -67,6 +68,11 @@ API_PATH = "/api/data/v9.2/"
 #: Error code of an expired or unknown delta token (ExpiredVersionStamp).
 EXPIRED_VERSION = "0x80044352"
 _BASE_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}
+
+
+def _content_error(status: int) -> bool:
+    """A 4xx about what was sent (not authentication, not a "come back later")."""
+    return 400 <= status < 500 and status not in (401, 403) and status not in TRANSIENT_STATUSES
 
 
 def is_expired_token(exc: Exception) -> bool:
@@ -129,7 +135,8 @@ class DataverseClient:
 
     def send(self, method: str, url: str, *, entity: str | None = None,
              headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
-             content: bytes | None = None, json_body: Any = None) -> httpx.Response:
+             content: bytes | None = None, json_body: Any = None,
+             answer_errors: bool = False) -> httpx.Response:
         """Send one request, retrying transient failures (see the module docstring).
 
         Args:
@@ -140,9 +147,12 @@ class DataverseClient:
             params: Query options.
             content: Raw body.
             json_body: JSON body (instead of ``content``).
+            answer_errors: Return a 4xx answer about the request's content (any 4xx
+                but 401, 403 and the transient ones) instead of raising, so the caller
+                can read Dataverse's own error.
 
         Returns:
-            A 2xx/3xx response.
+            A 2xx/3xx response (or such a 4xx when ``answer_errors``).
 
         Raises:
             ConnectorUnavailable: the organisation cannot be reached (after retries).
@@ -161,7 +171,8 @@ class DataverseClient:
                 with map_http_errors(entity=entity):
                     response = self.http.request(method, url, headers=all_headers,
                                                  params=params, content=content)
-                raise_for_status(response, entity=entity)
+                if not (answer_errors and _content_error(response.status_code)):
+                    raise_for_status(response, entity=entity)
             except TransientError as exc:
                 self._slow_down(exc)
                 raise

@@ -13,15 +13,17 @@ Features
       required levels, ``ChangeTrackingEnabled``.
     * ``fetch`` reads rows by primary id or alternate key, 50 keys per ``$filter`` query
       (``fetch.py``), in exactly the form of the change feed.
-    * Writes through ``$batch`` (``writer.py``): upserts by primary id or alternate key
-      (``WriteRow.key`` tells which), lookups as ``@odata.bind`` (``convert.py``),
+    * Writes (``writer.py``): upserts by primary id or alternate key (``WriteRow.key``
+      tells which) as ``UpsertMultiple`` bulk messages (a refused one is bisected so
+      only the bad record fails), or through ``$batch`` where a table lacks them;
+      deletes through ``$batch``; lookups as ``@odata.bind`` (``convert.py``);
       per-row outcomes; 429/503/time-outs retried with tenacity through a throttle
       shared by every writer to the same organisation.
 
 Configuration
     ``DataverseConnection`` in ``schemas/config.py``: ``url``, ``tenant_id``,
     ``client_id``, ``client_secret`` or ``certificate_path`` (+ ``certificate_thumbprint``),
-    ``authority_host``, ``ca_bundle``, ``timeout``, ``batch_size``, ``page_size``,
+    ``authority_host``, ``ca_bundle``, ``timeout``, ``batch_size``, ``bulk_size``, ``page_size``,
     ``entities``, ``state_dir``, ``retry_attempts``, ``max_retry_wait``, ``rate_limit``.
     Entities are table logical names (``account``); entity set names are accepted too.
 
@@ -92,7 +94,8 @@ class DataverseConnector:
             max_wait=cfg.max_retry_wait, rate_limit=cfg.rate_limit)
         self._keys: KeySet | None = None
         self._reader: ChangeReader | None = None
-        self.writer = Writer(name, self.client, cfg.batch_size, self._entity_sets)
+        self.writer = Writer(name, self.client, cfg.batch_size, self._entity_sets,
+                             bulk_size=cfg.bulk_size)
         self.fetcher = Fetcher(name, self.client, cfg.page_size)
         self._tables: dict[str, TableMeta] = {}
         self._sets: dict[str, str] | None = None

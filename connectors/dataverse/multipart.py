@@ -229,11 +229,18 @@ def _operation(part: bytes) -> Operation:
     request_lines, body = _head_and_body(message)
     if not request_lines:
         raise ValueError("a batch part holds no request line")
-    words = request_lines[0].split()
-    if len(words) < 2:
+    line = request_lines[0].strip()
+    method, _, rest = line.partition(" ")
+    url, _, version = rest.rpartition(" ")
+    if not version.upper().startswith("HTTP/"):
+        url = rest  # no HTTP version: the rest of the line is the URL
+    url = url.strip()
+    if not method or not url:
         raise ValueError(f"malformed request line {request_lines[0]!r}")
     headers = {k: v for k, v in _headers(request_lines[1:]).items()}
-    return Operation(words[0].upper(), words[1], headers, body.rstrip(b"\r\n"),
+    # The URL is everything between the first and the last space, so a URL with
+    # unencoded spaces (``$filter=name eq 'x'``) is taken whole, as Dataverse does.
+    return Operation(method.upper(), url, headers, body.rstrip(b"\r\n"),
                      head.get("content-id"))
 
 

@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 from connectors.base import Op, OutcomeStatus, PermanentError, SchemaError, WriteRow
 from connectors.dataverse import DataverseConnector, login
 from connectors.dataverse.emulator import DataverseEmulator, Limits
+from connectors.dataverse.emulator.model import attribute, entity
 from connectors.identity import DEFAULT_CLIENT_ID, DEFAULT_TENANT
 from schemas.config import DataverseConnection
 from tests.support import wait_for
@@ -164,11 +165,13 @@ def test_expired_delta_token_triggers_full_resync_that_finds_deletes(emu, connec
 # -- writing --------------------------------------------------------------------------------
 
 
-def test_batch_partial_failures_give_per_record_outcomes(emu, connect):
+@pytest.mark.parametrize("bulk_size", [0, 500], ids=["batch", "upsertmultiple"])
+def test_batch_partial_failures_give_per_record_outcomes(emu, connect, bulk_size):
+    """The same per-record outcomes through $batch and through bisected UpsertMultiple."""
     _insert(emu, "account", [{"name": "holder", "accountnumber": "TAKEN"}])
     emu.add_plugin(lambda message, table, values, current: (
         "Accounts named 'forbidden' are not allowed." if values.get("name") == "forbidden" else None))
-    crm = connect()
+    crm = connect(bulk_size=bulk_size)
     outcomes = crm.upsert("account", [
         WriteRow({"accountnumber": "OK-1"}, {"name": "fine", "revenue": "1234.50"}),
         WriteRow({"accountnumber": "BAD-1"}, {"name": "x" * 200}),
@@ -191,6 +194,45 @@ def test_batch_partial_failures_give_per_record_outcomes(emu, connect):
     assert "alternate key" in outcomes[6].error
     rows = {r["accountnumber"]: r for r in emu.store.tables["account"].rows.values()}
     assert set(rows) == {"TAKEN", "OK-1", "OK-2"} and rows["OK-1"]["revenue"] == 1234.5
+
+
+def test_a_refused_bulk_message_is_bisected_so_only_the_bad_record_fails(emu, connect):
+    """UpsertMultiple is all-or-nothing on a standard table (learn.microsoft.com/power-apps/
+    developer/data-platform/bulk-operations); the writer splits a refused request until the
+    bad record is alone, so the others are written and it fails with Dataverse's own text."""
+    crm = connect(bulk_size=64)
+    crm.upsert("account", [WriteRow({"accountnumber": "WARM"}, {"name": "warm-up"})])
+    rows = [WriteRow({"accountnumber": f"BI-{n:02d}"}, {"name": f"Row {n}"}) for n in range(64)]
+    rows[37] = WriteRow({"accountnumber": "BI-37"}, {"name": "Row 37", "numberofemployees": -1})
+    before = crm.client.requests
+    outcomes = crm.upsert("account", rows)
+    sent = crm.client.requests - before
+    assert [n for n, o in enumerate(outcomes) if not o.ok] == [37]
+    assert outcomes[37].status is OutcomeStatus.PERMANENT and outcomes[37].code == "0x80044331"
+    assert "numberofemployees" in outcomes[37].error and "answered" not in outcomes[37].error
+    assert sent == 1 + 2 * 6  # one refused request, then two halves per level down to one
+    numbers = {r["accountnumber"] for r in emu.store.tables["account"].rows.values()}
+    assert numbers == {"WARM"} | {f"BI-{n:02d}" for n in range(64) if n != 37}
+
+
+def test_tables_without_bulk_messages_are_written_through_batch(emu, connect):
+    """Not every table offers UpsertMultiple (learn.microsoft.com/power-apps/developer/
+    data-platform/webapi/reference/upsertmultiple: "doesn't represent all the tables");
+    such a table falls back to $batch once and stays there."""
+    emu.define_entity(entity("new_legacy", attributes=[attribute("name")], bulk_messages=False))
+    crm = connect(bulk_size=500)
+    crm.describe(["new_legacy"])
+    before = crm.client.requests
+    first = crm.upsert("new_legacy", [WriteRow({"new_legacyid": str(uuid.uuid4())}, {"name": "a"})])
+    assert [o.status for o in first] == [OutcomeStatus.APPLIED]
+    assert crm.client.requests - before == 2  # the refused UpsertMultiple, then the $batch
+    before = crm.client.requests
+    second = crm.upsert("new_legacy", [WriteRow({"new_legacyid": str(uuid.uuid4())}, {"name": "b"})])
+    assert [o.status for o in second] == [OutcomeStatus.APPLIED]
+    assert crm.client.requests - before == 1
+    assert sorted(r["name"] for r in emu.store.tables["new_legacy"].rows.values()) == ["a", "b"]
+    assert crm.upsert("account", [WriteRow({"accountnumber": "STILL-BULK"}, {"name": "x"})])[0].ok
+    assert "account" not in crm.writer.no_bulk
 
 
 def test_lookups_are_written_as_binds(emu, connect):
@@ -218,11 +260,12 @@ def test_lookups_are_written_as_binds(emu, connect):
     assert cleared[0].ok
 
 
-def test_429_storm_slows_every_writer_and_loses_nothing(cert_dir, connect):
+@pytest.mark.parametrize("bulk_size", [0, 50], ids=["batch", "upsertmultiple"])
+def test_429_storm_slows_every_writer_and_loses_nothing(cert_dir, connect, bulk_size):
     limits = Limits(requests=8, window=1.0, concurrent=None, execution=None)
     with DataverseEmulator(cert_dir=cert_dir, limits=limits) as emulator:
-        writers = [connect(f"w{n}", emulator=emulator, batch_size=50, retry_attempts=10)
-                   for n in range(2)]
+        writers = [connect(f"w{n}", emulator=emulator, batch_size=50, bulk_size=bulk_size,
+                           retry_attempts=10) for n in range(2)]
         assert writers[0].client.throttle is writers[1].client.throttle  # one per organisation
         results: dict[int, list] = {}
 
@@ -247,16 +290,20 @@ def test_429_storm_slows_every_writer_and_loses_nothing(cert_dir, connect):
         assert elapsed >= (requests - emulator.throttled - 8) / 8 * 0.9  # the limit held
 
 
-def test_transient_faults_are_retried_then_reported_with_retry_after(emu, connect):
-    crm = connect(retry_attempts=3)
+@pytest.mark.parametrize(("bulk_size", "path"), [
+    (0, "/api/data/v9.2/$batch"),
+    (500, "/api/data/v9.2/accounts/Microsoft.Dynamics.CRM.UpsertMultiple")],
+    ids=["batch", "upsertmultiple"])
+def test_transient_faults_are_retried_then_reported_with_retry_after(emu, connect, bulk_size, path):
+    crm = connect(retry_attempts=3, bulk_size=bulk_size)
     crm.whoami()
-    emu.faults.fail_next(2, status=503, path_prefix="/api/data/v9.2/$batch")
+    emu.faults.fail_next(2, status=503, path_prefix=path)
     assert all(o.ok for o in crm.upsert("account", [WriteRow({"accountnumber": "F-1"}, {"name": "a"})]))
-    emu.faults.drop_next(1, path_prefix="/api/data/v9.2/$batch")
+    emu.faults.drop_next(1, path_prefix=path)
     assert all(o.ok for o in crm.upsert("account", [WriteRow({"accountnumber": "F-2"}, {"name": "b"})]))
     emu.faults.fail_next(3, status=429, headers={"Retry-After": "1"},
                          body={"error": {"code": "0x80072322", "message": "Number of requests exceeded"}},
-                         path_prefix="/api/data/v9.2/$batch")
+                         path_prefix=path)
     outcomes = crm.upsert("account", [WriteRow({"accountnumber": "F-3"}, {"name": "c"}),
                                       WriteRow({"accountnumber": "F-4"}, {"name": "d"})])
     assert [o.status for o in outcomes] == [OutcomeStatus.TRANSIENT] * 2

@@ -581,3 +581,242 @@ def test_seed_loads_accounts_with_contacts(cert_dir):
         assert all(c["_parentcustomerid_value"] in ids for c in contacts)
         assert all(a["_primarycontactid_value"] for a in accounts)
         assert sorted(a["accountnumber"] for a in accounts)[0] == "ACC-000001"
+
+
+# -- bulk operation messages ---------------------------------------------------------------
+
+_ACCOUNT_TYPE = "Microsoft.Dynamics.CRM.account"
+
+
+def test_create_multiple_returns_the_ids_of_the_created_records(api):
+    """CreateMultiple answers 200 with ``Ids`` in request order.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/createmultiple
+    (request and response example) and .../data-platform/bulk-operations.
+    """
+    targets = [{"@odata.type": _ACCOUNT_TYPE, "name": f"Bulk {n}", "accountnumber": f"BK-{n}"}
+               for n in range(3)]
+    response = api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple",
+                        json={"Targets": targets})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["@odata.context"].endswith("$metadata#Microsoft.Dynamics.CRM.CreateMultipleResponse")
+    assert len(body["Ids"]) == 3
+    for n, row_id in enumerate(body["Ids"]):
+        assert api.get(f"accounts({row_id})").json()["accountnumber"] == f"BK-{n}"
+
+
+def test_upsert_multiple_creates_and_updates_by_alternate_key_and_answers_204(api):
+    """UpsertMultiple names rows by ``@odata.id`` (alternate key) or the primary id; 204.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/upsertmultiple
+    ("The UpsertMultiple action returns 204 NoContent"; ``@odata.id`` with an alternate key).
+    """
+    existing = _create(api, "accounts", {"name": "Old", "accountnumber": "UP-1"})
+    new_id = "5d9e4a1e-0000-4000-8000-000000000001"
+    response = api.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple", json={"Targets": [
+        {"@odata.type": _ACCOUNT_TYPE, "@odata.id": "accounts(accountnumber='UP-1')",
+         "name": "Updated"},
+        {"@odata.type": _ACCOUNT_TYPE, "@odata.id": "accounts(accountnumber='UP-2')",
+         "name": "Created by key"},
+        {"@odata.type": _ACCOUNT_TYPE, "accountid": new_id, "name": "Created by id"}]})
+    assert response.status_code == 204, response.text
+    assert response.content == b""
+    assert api.get(f"accounts({existing})").json()["name"] == "Updated"
+    assert api.get("accounts(accountnumber='UP-2')").json()["name"] == "Created by key"
+    assert api.get(f"accounts({new_id})").json()["name"] == "Created by id"
+
+
+def test_update_multiple_needs_existing_rows(api):
+    """UpdateMultiple updates only: a missing row fails the request with a 404.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/updatemultiple
+    and .../data-platform/bulk-operations (UpdateMultiple: each record needs its key).
+    """
+    row = _create(api, "accounts", {"name": "Before"})
+    ok = api.post("accounts/Microsoft.Dynamics.CRM.UpdateMultiple", json={"Targets": [
+        {"@odata.type": _ACCOUNT_TYPE, "accountid": row, "name": "After"}]})
+    assert ok.status_code == 204, ok.text
+    assert api.get(f"accounts({row})").json()["name"] == "After"
+    missing = api.post("accounts/Microsoft.Dynamics.CRM.UpdateMultiple", json={"Targets": [
+        {"@odata.type": _ACCOUNT_TYPE, "accountid": "00000000-0000-4000-8000-0000000000ff",
+         "name": "Nobody"}]})
+    assert missing.status_code == 404
+    assert "Does Not Exist" in _error(missing)["message"]
+
+
+def test_bulk_message_is_all_or_nothing_with_the_failing_records_error(api):
+    """One bad record fails a bulk message on a standard table and nothing is written.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/bulk-operations
+    (standard tables: an error in any record rolls the whole operation back).
+    """
+    targets = [{"@odata.type": _ACCOUNT_TYPE, "@odata.id": f"accounts(accountnumber='AN-{n}')",
+                "name": f"Row {n}"} for n in range(5)]
+    targets[3]["numberofemployees"] = -5  # out of range
+    response = api.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple",
+                        json={"Targets": targets})
+    assert response.status_code == 400
+    error = _error(response)
+    assert "numberofemployees" in error["message"] and error["code"]
+    assert api.get("accounts?$filter=startswith(accountnumber,'AN-')").json()["value"] == []
+
+
+def test_bulk_message_limits_and_required_type_annotation(emu, api):
+    """``@odata.type`` is required on every target; the record count is capped.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/createmultiple
+    ("You must specify the @odata.type annotation with every item in the Targets
+    parameter"). The cap is the emulator's ``Settings.max_bulk`` (Microsoft documents no
+    fixed number; see docs/dataverse.md).
+    """
+    untyped = api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple",
+                       json={"Targets": [{"name": "No type"}]})
+    assert untyped.status_code == 400 and "@odata.type" in _error(untyped)["message"]
+    emu.service.settings.max_bulk = 2
+    too_many = api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple", json={
+        "Targets": [{"@odata.type": _ACCOUNT_TYPE, "name": str(n)} for n in range(3)]})
+    assert too_many.status_code == 400 and "maximum of 2" in _error(too_many)["message"]
+    wrong_type = api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple", json={
+        "Targets": [{"@odata.type": "Microsoft.Dynamics.CRM.contact", "lastname": "X"}]})
+    assert wrong_type.status_code == 400
+
+
+def test_delete_multiple_is_for_elastic_tables_and_tables_may_lack_bulk_messages(emu, api):
+    """DeleteMultiple is documented for elastic tables only; a table without the bulk
+    messages answers like an unknown segment.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/bulk-operations
+    ("DeleteMultiple: for elastic tables only"; not every table supports the messages).
+    """
+    response = api.post("accounts/Microsoft.Dynamics.CRM.DeleteMultiple",
+                        json={"Targets": []})
+    assert response.status_code == 400 and "elastic" in _error(response)["message"]
+    emu.define_entity(entity("new_legacy", attributes=[attribute("name")],
+                             bulk_messages=False))
+    refused = api.post("new_legacys/Microsoft.Dynamics.CRM.CreateMultiple", json={
+        "Targets": [{"@odata.type": "Microsoft.Dynamics.CRM.new_legacy", "name": "x"}]})
+    assert refused.status_code == 404
+    assert "Microsoft.Dynamics.CRM.CreateMultiple" in _error(refused)["message"]
+
+
+# -- option-set metadata and refusals instead of silent answers -----------------------------
+
+
+def test_picklist_metadata_with_expanded_option_set(api):
+    """The query client libraries send before writing option values.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/query-metadata-web-api
+    ("Retrieving attributes": cast to PicklistAttributeMetadata and
+    ``$expand=OptionSet($select=Options),GlobalOptionSet($select=Options)``).
+    """
+    response = api.get("EntityDefinitions(LogicalName='account')/Attributes/"
+                       "Microsoft.Dynamics.CRM.PicklistAttributeMetadata", params={
+                           "$select": "LogicalName",
+                           "$expand": "OptionSet($select=Options),GlobalOptionSet($select=Options)"})
+    assert response.status_code == 200, response.text
+    items = {i["LogicalName"]: i for i in response.json()["value"]}
+    assert set(items) == {"industrycode"}
+    options = items["industrycode"]["OptionSet"]["Options"]
+    assert [o["Value"] for o in options] == list(range(1, 34))
+    assert options[0]["Label"]["UserLocalizedLabel"]["Label"]
+    assert items["industrycode"]["GlobalOptionSet"] is None
+    state = api.get("EntityDefinitions(LogicalName='account')/Attributes/"
+                    "Microsoft.Dynamics.CRM.StateAttributeMetadata",
+                    params={"$select": "LogicalName", "$expand": "OptionSet"}).json()["value"][0]
+    assert [(o["Value"], o["Label"]["UserLocalizedLabel"]["Label"])
+            for o in state["OptionSet"]["Options"]] == [(0, "Active"), (1, "Inactive")]
+    assert state["OptionSet"]["OptionSetType"] == "State"
+    # OptionSet is a property of the enum attribute types only, not of AttributeMetadata
+    plain = api.get("EntityDefinitions(LogicalName='account')/Attributes",
+                    params={"$expand": "OptionSet"})
+    assert plain.status_code == 400 and "OptionSet" in _error(plain)["message"]
+
+
+def test_metadata_filter_on_an_unknown_property_is_a_400(api):
+    """Dataverse validates ``$filter`` properties against the metadata type.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/query-metadata-web-api
+    (filtering EntityDefinitions and Attributes by their properties) and the error
+    shape of .../webapi/compose-http-requests-handle-errors.
+    """
+    bad = api.get("EntityDefinitions", params={"$filter": "NoSuchProperty eq true"})
+    assert bad.status_code == 400
+    assert _error(bad)["message"] == ("Could not find a property named 'NoSuchProperty' on "
+                                      "type 'Microsoft.Dynamics.CRM.EntityMetadata'.")
+    bad_attr = api.get("EntityDefinitions(LogicalName='account')/Attributes",
+                       params={"$filter": "Bogus eq 1"})
+    assert bad_attr.status_code == 400 and "AttributeMetadata" in _error(bad_attr)["message"]
+    good = api.get("EntityDefinitions", params={"$filter": "ChangeTrackingEnabled eq true",
+                                                "$select": "LogicalName"})
+    assert good.status_code == 200 and good.json()["value"]
+
+
+@pytest.mark.parametrize("query", [
+    {"fetchXml": "<fetch><entity name='account'><attribute name='name'/></entity></fetch>"},
+    {"sql": "SELECT name FROM account WHERE name = 'x'"},
+    {"savedQuery": "00000000-0000-0000-0000-000000000001"}])
+def test_queries_the_emulator_does_not_run_are_refused_not_ignored(api, query):
+    """Dataverse runs these (learn.microsoft.com/power-apps/developer/data-platform/fetchxml/
+    retrieve-data?tabs=webapi, .../webapi/retrieve-and-execute-predefined-queries); the
+    emulator answers 501 with Dataverse's error body instead of every row unfiltered."""
+    _create(api, "accounts", {"name": "Visible"})
+    response = api.get("accounts", params=query)
+    assert response.status_code == 501
+    assert "not supported by the emulator" in _error(response)["message"]
+
+
+def test_unknown_options_and_expand_on_a_single_record_are_400(api):
+    """Unknown system query options are an error in OData, and ``$expand`` on a record is
+    not silently dropped.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/retrieve-entity-using-web-api
+    (``$select``/``$expand`` on a single record) and .../webapi/compose-http-requests-handle-errors.
+    """
+    row = _create(api, "accounts", {"name": "One"})
+    for target, params in [("accounts", {"$bogus": "1"}), (f"accounts({row})", {"$bogus": "1"}),
+                           (f"accounts({row})", {"$expand": "primarycontactid"}),
+                           (f"accounts({row})", {"$filter": "name eq 'One'"}),
+                           (f"accounts({row})/name", {"$bogus": "1"})]:
+        response = api.get(target, params=params)
+        assert response.status_code == 400, (target, params, response.text)
+        assert _error(response)["code"] == "0x80060888"
+    assert api.get(f"accounts({row})", params={"$select": "name"}).json()["name"] == "One"
+
+
+def test_relationships_carry_the_schema_names_of_a_real_organisation(api):
+    """``$expand`` and associate code written against a real org use these names.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/associate-disassociate-entities-using-web-api
+    (``contact_customer_accounts``) and the account/contact table references
+    (.../reference/entities/account: ``account_primary_contact``).
+    """
+    to_one = api.get("EntityDefinitions(LogicalName='contact')/ManyToOneRelationships",
+                     params={"$select": "SchemaName,ReferencedEntity"}).json()["value"]
+    assert {(r["SchemaName"], r["ReferencedEntity"]) for r in to_one} >= {
+        ("contact_customer_accounts", "account"), ("contact_customer_contacts", "contact")}
+    from_account = api.get("EntityDefinitions(LogicalName='account')/ManyToOneRelationships",
+                           params={"$select": "SchemaName"}).json()["value"]
+    assert [r["SchemaName"] for r in from_account] == ["account_primary_contact"]
+    to_many = api.get("EntityDefinitions(LogicalName='account')/OneToManyRelationships",
+                      params={"$select": "SchemaName,ReferencedEntityNavigationPropertyName"})
+    assert {r["ReferencedEntityNavigationPropertyName"] for r in to_many.json()["value"]} == {
+        "contact_customer_accounts"}
+
+
+def test_batch_request_lines_may_carry_unencoded_spaces(api):
+    """The service takes the URL between the first and the last space of a request line.
+
+    Follows learn.microsoft.com/power-apps/developer/data-platform/webapi/execute-batch-operations-using-web-api
+    (its examples send ``$filter`` and ``$select`` unencoded inside the batch).
+    """
+    _create(api, "accounts", {"name": "Spaced Out", "accountnumber": "SP-1"})
+    body = ("--batch_sp\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+            "\r\nGET /api/data/v9.2/accounts?$select=name&$filter=name eq 'Spaced Out' HTTP/1.1\r\n"
+            "Accept: application/json\r\n\r\n--batch_sp--\r\n")
+    response = api.post("$batch", content=body.encode(),
+                        headers={"Content-Type": "multipart/mixed; boundary=batch_sp"})
+    assert response.status_code == 200, response.text
+    [result] = decode_responses(response.content, response.headers["content-type"])
+    assert result.status == 200, result.body
+    assert [r["name"] for r in json.loads(result.body)["value"]] == ["Spaced Out"]

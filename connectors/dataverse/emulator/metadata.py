@@ -13,12 +13,16 @@ Features
       properties, navigation properties, alternate keys); ``?annotations=true`` adds
       ``Org.OData.Core.V1.Computed`` and the ``ChangeTracking`` capability.
     * ``WhoAmI``, ``RetrieveTotalRecordCount(EntityNames=[…])``, the service document.
+    * Option-set metadata: casts to ``PicklistAttributeMetadata`` /
+      ``StateAttributeMetadata`` / … with ``$expand=OptionSet($select=Options)``
+      (``GlobalOptionSet`` is null: no global option sets).
+    * A ``$filter`` on a property the metadata type does not have is a 400.
 
 Configuration
     None.
 
 Limits
-    * No option-set metadata, no ``RetrieveMetadataChanges``, no metadata writes.
+    * No global option sets, no ``RetrieveMetadataChanges``, no metadata writes.
 """
 
 from __future__ import annotations
@@ -26,13 +30,19 @@ from __future__ import annotations
 import re
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from connectors.dataverse.emulator.errors import ODataError, bad_query, unknown_property
 from connectors.dataverse.emulator.http import ApiRequest, ApiResponse, json_response
 from connectors.dataverse.emulator.keys import parse_key_segment
-from connectors.dataverse.emulator.model import NAMESPACE, AttributeDef, EntityDef, metadata_id
+from connectors.dataverse.emulator.model import (
+    NAMESPACE,
+    AttributeDef,
+    EntityDef,
+    metadata_id,
+    relationship_name,
+)
 from connectors.dataverse.emulator.odata import (
     Getter,
     compile_filter,
@@ -128,17 +138,45 @@ def _definitions(service: Service, req: ApiRequest) -> ApiResponse:
     if name not in _COLLECTIONS:
         raise ODataError(404, "0x80060888", f"Resource not found for the segment '{collection}'.")
     items = _collection(service, entity, name)
+    expansions: Expansions | None = None
     if rest:  # a cast: Attributes/Microsoft.Dynamics.CRM.LookupAttributeMetadata
         items = [i for i in items if i.get("@odata.type") == f"#{rest[0]}"]
+        if name == "Attributes" and rest[0] in _ENUM_CASTS:
+            expansions = lambda i: _option_sets(entity, i)  # noqa: E731
     if sub_key is not None:
         wanted = sub_key.get("LogicalName") if isinstance(sub_key, dict) else None
         found = [i for i in items if i.get("LogicalName") == wanted or i["MetadataId"] == sub_key]
         if not found:
             raise ODataError(404, "0x80040217", f"Could not find {name[:-1]} {sub_key}.")
         return json_response(200, {"@odata.context": f"{base}/{name}/$entity",
-                                   **_apply(found, req.query, name)[0]})
-    return json_response(200, {"@odata.context": f"{base}/{name}",
-                               "value": _apply(items, req.query, name)})
+                                   **_apply(found, req.query, name, expansions)[0]})
+    context = f"{base}/{name}" + (f"/{rest[0]}" if rest else "")
+    return json_response(200, {"@odata.context": context,
+                               "value": _apply(items, req.query, name, expansions)})
+
+
+def _option_sets(entity: EntityDef, item: Item) -> dict[str, Any]:
+    """``OptionSet`` (local) and ``GlobalOptionSet`` (None: the emulator has no global ones)."""
+    attr = entity.attribute(item["LogicalName"])
+    assert attr is not None
+    kind = attr.type
+    options = []
+    for value in attr.options:
+        option: Item = {"Value": value, "Color": None, "IsManaged": True, "ExternalValue": "",
+                        "ParentValues": [], "Tag": None, "IsHidden": False,
+                        "MetadataId": None, "HasChanged": None,
+                        "Label": _label(attr.option_label(value)), "Description": _label("")}
+        if kind == "State":
+            option.update(DefaultStatus=value + 1, InvariantName=attr.option_label(value))
+        options.append(option)
+    name = f"{entity.logical_name}_{attr.logical_name}"
+    option_set: Item = {
+        "MetadataId": metadata_id(entity.logical_name, attr.logical_name, "optionset"),
+        "HasChanged": None, "IsCustomOptionSet": False, "IsGlobal": False, "IsManaged": True,
+        "Name": name, "ExternalTypeName": None, "OptionSetType": kind,
+        "Description": _label(""), "DisplayName": _label(attr.display_name or attr.logical_name),
+        "IsCustomizable": _managed(True, "iscustomizable"), "Options": options}
+    return {"OptionSet": option_set, "GlobalOptionSet": None}
 
 
 def _find_entity(entities: list[EntityDef], key: str | dict[str, Any]) -> EntityDef:
@@ -150,21 +188,46 @@ def _find_entity(entities: list[EntityDef], key: str | dict[str, Any]) -> Entity
     raise ODataError(404, "0x80040217", f"Could not find entity with name '{shown}'.")
 
 
+#: The metadata type of the items of each collection (for error messages).
+_TYPES = {"EntityMetadata": "EntityMetadata", "Attributes": "AttributeMetadata",
+          "Keys": "EntityKeyMetadata", "ManyToOneRelationships": "OneToManyRelationshipMetadata",
+          "OneToManyRelationships": "OneToManyRelationshipMetadata",
+          "OptionSet": "OptionSetMetadata", "GlobalOptionSet": "OptionSetMetadata"}
+#: Attribute types whose metadata has OptionSet / GlobalOptionSet (EnumAttributeMetadata).
+_ENUM_CASTS = {f"{NAMESPACE}.{kind}AttributeMetadata"
+               for kind in ("Picklist", "State", "Status", "MultiSelectPicklist", "Boolean")}
+
+Expansions = Callable[[Item], dict[str, Any]]
+
+
 def _apply(items: list[Item], query: Mapping[str, str], type_name: str,
-           expansions: Any = None) -> list[Item]:
-    """$filter, $expand and $select over metadata items."""
+           expansions: Expansions | None = None) -> list[Item]:
+    """$filter, $expand and $select over metadata items.
+
+    Raises:
+        ODataError: 400 for a property (in ``$filter``, ``$select``, ``$expand``) the
+            items' type does not have.
+    """
+    full_type = f"{NAMESPACE}.{_TYPES.get(type_name, type_name)}"
     if query.get("$filter"):
-        pred = compile_filter(query["$filter"], _path_resolver)
+        known = set().union(*(i.keys() for i in items)) if items else set()
+        if type_name == "Attributes":
+            known |= _DERIVED
+        pred = compile_filter(query["$filter"], _path_resolver(known, full_type))
         items = [i for i in items if pred(i)]
     expand = _parse_expand(query.get("$expand", ""))
     out = []
     for item in items:
         result = dict(item)
+        available = expansions(item) if expansions is not None else {}
         for name, options in expand.items():
-            if expansions is None or name not in _COLLECTIONS:
-                raise bad_query(f"Could not find a property named '{name}' on type "
-                                f"'{NAMESPACE}.{type_name}'.")
-            result[name] = _apply(expansions(item)[name], options, name)
+            if name not in available:
+                raise unknown_property(name, full_type)
+            value = available[name]
+            if isinstance(value, list):
+                result[name] = _apply(value, options, name)
+            else:
+                result[name] = None if value is None else _apply([value], options, name)[0]
         out.append(_select(result, query.get("$select"), type_name, set(expand)))
     return out
 
@@ -180,10 +243,14 @@ def _select(item: Item, text: str | None, type_name: str, keep: set[str]) -> Ite
     return {k: v for k, v in item.items() if k in chosen or k == "@odata.type"}
 
 
+#: Properties of derived attribute types, selectable on the base collection.
+_DERIVED = {"MaxLength", "Precision", "MinValue", "MaxValue", "Targets", "Format",
+            "DateTimeBehavior", "DefaultFormValue"}
+
+
 def _known(name: str, type_name: str) -> bool:
     """Properties of derived attribute types may be selected on the base collection."""
-    return type_name == "Attributes" and name in {"MaxLength", "Precision", "MinValue", "MaxValue",
-                                                  "Targets", "Format", "DateTimeBehavior"}
+    return type_name == "Attributes" and name in _DERIVED
 
 
 def _parse_expand(text: str) -> dict[str, dict[str, str]]:
@@ -206,16 +273,24 @@ def _parse_expand(text: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def _path_resolver(path: str) -> tuple[Getter, str | None]:
-    parts = path.split("/")
+def _path_resolver(known: set[str], type_name: str) -> Callable[[str], tuple[Getter, str | None]]:
+    """Resolves ``$filter`` paths (``RequiredLevel/Value``); an unknown first part is a 400
+    (when the items are known at all)."""
 
-    def get(item: Mapping[str, Any]) -> Any:
-        value: Any = item
-        for part in parts:
-            value = value.get(part) if isinstance(value, Mapping) else None
-        return value
+    def resolve(path: str) -> tuple[Getter, str | None]:
+        parts = path.split("/")
+        if known and parts[0] not in known:
+            raise unknown_property(parts[0], type_name)
 
-    return get, None
+        def get(item: Mapping[str, Any]) -> Any:
+            value: Any = item
+            for part in parts:
+                value = value.get(part) if isinstance(value, Mapping) else None
+            return value
+
+        return get, None
+
+    return resolve
 
 
 def _label(text: str) -> Item:
@@ -264,7 +339,7 @@ def _collection(service: Service, entity: EntityDef, name: str) -> list[Item]:
 
 
 def _relationship(entity: EntityDef, attr: AttributeDef, target: str, nav: str) -> Item:
-    schema = f"{entity.logical_name}_{attr.logical_name}_{target}"
+    schema = relationship_name(entity.logical_name, attr.logical_name, target)
     return {"MetadataId": metadata_id(schema), "SchemaName": schema,
             "RelationshipType": "OneToManyRelationship", "ReferencedEntity": target,
             "ReferencedAttribute": f"{target}id", "ReferencingEntity": entity.logical_name,
@@ -359,7 +434,7 @@ def _entity_type(schema: ET.Element, entity: EntityDef, annotations: bool) -> No
     for nav, (attr, target) in entity.navigation().items():
         nav_node = ET.SubElement(node, "NavigationProperty", {
             "Name": nav, "Type": f"mscrm.{target}",
-            "Partner": f"{entity.logical_name}_{attr.logical_name}_{target}"})
+            "Partner": relationship_name(entity.logical_name, attr.logical_name, target)})
         ET.SubElement(nav_node, "ReferentialConstraint", {
             "Property": attr.property_name, "ReferencedProperty": f"{target}id"})
     if entity.keys:

@@ -102,6 +102,8 @@ class AttributeDef:
         valid_for_update: Writable on update.
         attribute_of: Column this one belongs to (the ``…type`` column of a lookup).
         display_name: Label shown in the metadata.
+        option_labels: Labels of ``options``, in order (default: "Active"/"Inactive"
+            for State columns, "Option <n>" otherwise).
     """
 
     logical_name: str
@@ -118,6 +120,15 @@ class AttributeDef:
     valid_for_update: bool = True
     attribute_of: str | None = None
     display_name: str | None = None
+    option_labels: tuple[str, ...] = ()
+
+    def option_label(self, value: int) -> str:
+        """The label of one option value."""
+        if value in self.options and len(self.option_labels) == len(self.options):
+            return self.option_labels[self.options.index(value)]
+        if self.type == "State":
+            return {0: "Active", 1: "Inactive"}.get(value, f"State {value}")
+        return f"Option {value}"
 
     @property
     def is_lookup(self) -> bool:
@@ -179,6 +190,9 @@ class EntityDef:
     change_tracking: bool = True
     display_name: str | None = None
     object_type_code: int = 10000
+    #: Whether the bound bulk actions (CreateMultiple, UpdateMultiple, UpsertMultiple)
+    #: are available for the table (Dataverse: most tables, not all).
+    bulk_messages: bool = True
     _by_name: dict[str, AttributeDef] = field(
         default_factory=dict, compare=False, repr=False, hash=False)
 
@@ -253,7 +267,8 @@ def attribute(logical_name: str, type_: str = "String", **options: Any) -> Attri
 def entity(logical_name: str, *, entity_set: str | None = None, primary_name: str | None = "name",
            attributes: tuple[AttributeDef, ...] | list[AttributeDef] = (),
            keys: dict[str, tuple[str, ...]] | None = None, change_tracking: bool = True,
-           display_name: str | None = None, object_type_code: int = 10000) -> EntityDef:
+           display_name: str | None = None, object_type_code: int = 10000,
+           bulk_messages: bool = True) -> EntityDef:
     """Declare a table with Dataverse's system columns added.
 
     Args:
@@ -265,6 +280,8 @@ def entity(logical_name: str, *, entity_set: str | None = None, primary_name: st
         change_tracking: Whether ``Prefer: odata.track-changes`` is allowed.
         display_name: Label in the metadata (default: the logical name).
         object_type_code: ObjectTypeCode in the metadata.
+        bulk_messages: Whether CreateMultiple / UpdateMultiple / UpsertMultiple are
+            available for the table.
 
     Returns:
         The table definition.
@@ -300,7 +317,7 @@ def entity(logical_name: str, *, entity_set: str | None = None, primary_name: st
         primary_id=primary_id, primary_name=primary_name,
         attributes=(system[0], *own, *system[1:]), keys=key_defs,
         change_tracking=change_tracking, display_name=display_name or logical_name.title(),
-        object_type_code=object_type_code,
+        object_type_code=object_type_code, bulk_messages=bulk_messages,
     )
 
 
@@ -343,6 +360,20 @@ CONTACT = entity(
     ],
 )
 
+#: Schema names of the seeded tables' relationships, as in a real organisation;
+#: (referencing table, lookup column, referenced table) → name. Others are generated.
+RELATIONSHIP_NAMES = {
+    ("contact", "parentcustomerid", "account"): "contact_customer_accounts",
+    ("contact", "parentcustomerid", "contact"): "contact_customer_contacts",
+    ("account", "primarycontactid", "contact"): "account_primary_contact",
+}
+
+
+def relationship_name(entity: str, column: str, target: str) -> str:
+    """The SchemaName of the one-to-many relationship behind a lookup (``account_primary_contact``)."""
+    return RELATIONSHIP_NAMES.get((entity, column, target), f"{entity}_{column}_{target}")
+
+
 #: The tables every emulator starts with.
 DEFAULT_ENTITIES: tuple[EntityDef, ...] = (ACCOUNT, CONTACT)
 
@@ -359,6 +390,8 @@ def entity_to_json(entity: EntityDef) -> dict[str, Any]:
 def entity_from_json(data: dict[str, Any]) -> EntityDef:
     """The table definition :func:`entity_to_json` wrote."""
     attrs = tuple(AttributeDef(**{**a, "targets": tuple(a["targets"]),
-                                  "options": tuple(a["options"])}) for a in data["attributes"])
+                                  "options": tuple(a["options"]),
+                                  "option_labels": tuple(a.get("option_labels") or ())})
+                  for a in data["attributes"])
     keys = tuple(KeyDef(k["name"], tuple(k["attributes"])) for k in data["keys"])
     return EntityDef(**{**data, "attributes": attrs, "keys": keys})

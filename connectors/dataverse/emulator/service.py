@@ -19,7 +19,8 @@ Configuration
     ``Settings``: page size, delta token lifetime, status of the expired-token error.
 
 Limits
-    * No ``$expand``, ``$apply``, ``$search``, saved queries or FetchXML (400).
+    * No ``$expand``, ``$apply``, ``$search`` (400), saved and user queries, FetchXML
+      or ``?sql=`` (501): refused with Dataverse's error body, never ignored.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.dataverse.emulator.errors import (
+    CODE_BAD_REQUEST,
     ODataError,
     bad_query,
     not_found,
@@ -43,7 +45,7 @@ from connectors.dataverse.emulator.http import (
     json_response,
 )
 from connectors.dataverse.emulator.keys import parse_key_segment
-from connectors.dataverse.emulator.model import AttributeDef, EntityDef
+from connectors.dataverse.emulator.model import NAMESPACE, AttributeDef, EntityDef
 from connectors.dataverse.emulator.odata import (
     Getter,
     compile_filter,
@@ -69,6 +71,13 @@ Plugin = Callable[[str, EntityDef, Mapping[str, Any], Mapping[str, Any] | None],
 _QUERY_OPTIONS = {"$select", "$filter", "$orderby", "$top", "$count", "$skiptoken",
                   "$deltatoken", "$expand"}
 _PLUGIN_CODE = "0x80040265"
+#: Query options of a single-row GET.
+_ROW_OPTIONS = frozenset({"$select"})
+#: Query parameters of queries Dataverse runs and the emulator does not (FetchXML, saved
+#: and user queries, SQL): refused, never ignored.
+_OTHER_QUERIES = {"fetchXml": "FetchXML queries (?fetchXml=)",
+                  "savedQuery": "Saved queries (?savedQuery=)",
+                  "userQuery": "User queries (?userQuery=)", "sql": "SQL queries (?sql=)"}
 
 
 @dataclass(slots=True)
@@ -83,6 +92,9 @@ class Settings:
     expired_token_status: int = 400
     #: Largest ``$batch`` (operations).
     max_batch: int = 1000
+    #: Most records in one CreateMultiple / UpdateMultiple / UpsertMultiple (Microsoft
+    #: documents no fixed number; unconfirmed, hence a knob).
+    max_bulk: int = 1000
 
 
 @dataclass(slots=True)
@@ -123,7 +135,7 @@ class Service:
         return self._route(req)
 
     def _route(self, req: ApiRequest) -> ApiResponse:
-        from connectors.dataverse.emulator import batch, delta, metadata, writes
+        from connectors.dataverse.emulator import batch, bulk, delta, metadata, writes
 
         path = req.path
         if path == "$batch":
@@ -139,6 +151,8 @@ class Service:
             raise ODataError(404, "0x80060888", f"Resource not found for the segment '{name}'.")
         rest = segments[1:]
         if key is None:
+            if len(rest) == 1 and rest[0].startswith(NAMESPACE + "."):
+                return bulk.handle(self, table, rest[0], req)
             if rest == ["$count"]:
                 return delta.count(self, table, req) if "$deltatoken" in req.query else self._count(table, req)
             if rest:
@@ -200,8 +214,7 @@ class Service:
         for option in q:
             if option == "$skip":
                 raise bad_query("The query parameter $skip is not supported")
-            if option.startswith("$") and option not in _QUERY_OPTIONS:
-                raise bad_query(f"The query parameter {option} is not supported")
+        _check_options(q, _QUERY_OPTIONS)
         cookie = parse_skiptoken(q["$skiptoken"]) if "$skiptoken" in q else None
         if "odata.track-changes" in req.prefer or "$deltatoken" in q or (cookie and cookie.tracking):
             return delta.query(self, table, req, cookie)
@@ -322,6 +335,7 @@ class Service:
     def retrieve(self, table: Table, key: str | dict[str, Any], req: ApiRequest) -> ApiResponse:
         """``GET <set>(key)``."""
         entity = table.entity
+        _check_options(req.query, _ROW_OPTIONS)
         row_id = find_row(table, key)
         if row_id is None:
             raise not_found(entity.logical_name, _shown(key))
@@ -337,6 +351,7 @@ class Service:
     def _property(self, table: Table, key: str | dict[str, Any], prop: str,
                   req: ApiRequest) -> ApiResponse:
         entity = table.entity
+        _check_options(req.query, frozenset())
         attr = entity.by_property(prop)
         if attr is None:
             raise unknown_property(prop, entity.type_name)
@@ -366,6 +381,24 @@ class Service:
             refusal = plugin(message, entity, values, current)
             if refusal:
                 raise ODataError(400, _PLUGIN_CODE, refusal)
+
+
+def _check_options(q: Mapping[str, str], allowed: frozenset[str] | set[str]) -> None:
+    """Refuse what would otherwise be silently ignored.
+
+    Raises:
+        ODataError: 501 for a query kind the emulator does not run (FetchXML, saved and
+            user queries, SQL); 400 for ``$expand`` where it is not emulated and for an
+            unknown or misplaced system query option.
+    """
+    for option in q:
+        if option in _OTHER_QUERIES:
+            raise ODataError(501, CODE_BAD_REQUEST, f"{_OTHER_QUERIES[option]} are not "
+                             "supported by the emulator; use the OData query options.")
+        if option == "$expand" and option not in allowed:
+            raise bad_query("The query parameter $expand is not supported by the emulator.")
+        if option.startswith("$") and option not in allowed:
+            raise bad_query(f"The query parameter {option} is not supported")
 
 
 def _int_option(q: Mapping[str, str], name: str) -> int:

@@ -42,7 +42,7 @@ from connectors.dataverse.emulator.values import (
 if TYPE_CHECKING:
     from connectors.dataverse.emulator.service import Service
 
-__all__ = ["create", "delete", "upsert"]
+__all__ = ["create", "create_row", "delete", "upsert", "upsert_row"]
 
 
 def create(service: Service, table: Table, req: ApiRequest) -> ApiResponse:
@@ -51,16 +51,27 @@ def create(service: Service, table: Table, req: ApiRequest) -> ApiResponse:
     Raises:
         ODataError: an invalid body, a taken id or key, a plug-in's refusal.
     """
+    row = create_row(service, table, req.json(), req.content_ids)
+    return _written(service, table, row, req, created=True, entity_id_header=True)
+
+
+def create_row(service: Service, table: Table, body: Any,
+               content_ids: dict[str, str] | None = None) -> dict[str, Any]:
+    """Create one row from a JSON body (``POST`` and ``CreateMultiple``).
+
+    Raises:
+        ODataError: an invalid body, a taken id or key, a plug-in's refusal.
+    """
     entity = table.entity
-    values = read_body(service.store, entity, req.json(), creating=True,
-                       base_url=service.base_url, content_ids=req.content_ids)
+    values = read_body(service.store, entity, body, creating=True,
+                       base_url=service.base_url, content_ids=content_ids)
     row_id = values.pop(entity.primary_id, None) or new_guid()
     if row_id in table.rows:
         raise ODataError(412, CODE_DUPLICATE, "A record with matching key values already exists.")
     with service.store.atomic():
         service.run_plugins("Create", entity, values, None)
-        row = service.store.insert(table, row_id, values)
-    return _written(service, table, row, req, created=True, entity_id_header=True)
+        return service.store.insert(table, row_id, values)
+
 
 def upsert(service: Service, table: Table, key: str | dict[str, Any], req: ApiRequest) -> ApiResponse:
     """``PATCH <set>(key)``: update, or create when missing (unless ``If-Match``).
@@ -68,34 +79,48 @@ def upsert(service: Service, table: Table, key: str | dict[str, Any], req: ApiRe
     Raises:
         ODataError: 404/412 by the conditional headers, an invalid body, a plug-in's refusal.
     """
+    row, created = upsert_row(service, table, key, req.json(), if_match=req.headers.get("if-match"),
+                              if_none_match=req.headers.get("if-none-match"),
+                              content_ids=req.content_ids)
+    return _written(service, table, row, req, created=created)
+
+
+def upsert_row(service: Service, table: Table, key: str | dict[str, Any], body: Any, *,
+               if_match: str | None = None, if_none_match: str | None = None,
+               content_ids: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+    """Update the row ``key`` names, or create it (``PATCH`` and the bulk messages).
+
+    Returns:
+        (the row written, whether it was created).
+
+    Raises:
+        ODataError: 404/412 by the conditions, an invalid body, a plug-in's refusal.
+    """
     entity = table.entity
-    body = req.json()
     row_id = find_row(table, key)
-    if_match, if_none = req.headers.get("if-match"), req.headers.get("if-none-match")
     if if_match is not None and row_id is None:
         raise not_found(entity.logical_name, _shown(key))
     if (if_match is not None and if_match != "*" and row_id is not None
             and if_match != etag(table.rows[row_id])):
         raise ODataError(412, CODE_CONCURRENCY, "The version of the existing record "
                          "doesn't match the RowVersion property provided.")
-    if if_none == "*" and row_id is not None:
+    if if_none_match == "*" and row_id is not None:
         raise ODataError(412, CODE_DUPLICATE, "A record with matching key values already exists.")
     with service.store.atomic():
         if row_id is not None:
             values = read_body(service.store, entity, body, creating=False,
-                               base_url=service.base_url, content_ids=req.content_ids)
+                               base_url=service.base_url, content_ids=content_ids)
             for column in key_columns(table, key):
                 values.pop(column, None)  # the key that found the row cannot change
             service.run_plugins("Update", entity, values, table.rows[row_id])
-            row = service.store.update(table, row_id, values)
-            return _written(service, table, row, req, created=False)
+            return service.store.update(table, row_id, values), False
         values = {**key_columns(table, key), **read_body(
             service.store, entity, body, creating=True, base_url=service.base_url,
-            content_ids=req.content_ids)}
+            content_ids=content_ids)}
         new_id = values.pop(entity.primary_id, None) or new_guid()
         service.run_plugins("Create", entity, values, None)
-        row = service.store.insert(table, new_id, values)
-        return _written(service, table, row, req, created=True)
+        return service.store.insert(table, new_id, values), True
+
 
 def delete(service: Service, table: Table, key: str | dict[str, Any], req: ApiRequest) -> ApiResponse:
     """``DELETE <set>(key)``.
@@ -115,6 +140,7 @@ def delete(service: Service, table: Table, key: str | dict[str, Any], req: ApiRe
         service.run_plugins("Delete", entity, {}, table.rows[row_id])
         service.store.delete(table, row_id)
     return ApiResponse(204, {"OData-Version": "4.0"})
+
 
 def _written(service: Service, table: Table, row: dict[str, Any], req: ApiRequest, *, created: bool,
              entity_id_header: bool = False) -> ApiResponse:
