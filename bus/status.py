@@ -245,9 +245,9 @@ def show_status(path: Path, *, as_json: bool = False, watch: bool = False,
     try:
         config = load_config(path).config
     except ConfigError as exc:
-        console.print(exc.message, markup=False)
+        console.print(exc.message, markup=False, soft_wrap=True)  # whole lines (grep, logs)
         for problem in exc.problems:
-            console.print(f"  {problem}", markup=False)
+            console.print(f"  {problem}", markup=False, soft_wrap=True)
         return 2
 
     def check() -> StatusReport:
