@@ -389,15 +389,22 @@ class LinkApplier:
                 assert item.values is not None
                 item.values[column] = found_ids[parent][value]
             ready.append(item)
+        absent: dict[str, set[str]] = {}
+        for _, missing in waiting:
+            for _, parent, value in missing:
+                absent.setdefault(parent, set()).add(value)
+        filtered = {parent: self.state.filtered_ids(parent, self._parent_side(parent),
+                                                    sorted(values))
+                    for parent, values in absent.items()}  # one query per parent link
         for item, missing in waiting:
-            decisions[item.index] = self._orphan(item, missing)
+            decisions[item.index] = self._orphan(item, missing, filtered)
         return ready
 
-    def _orphan(self, item: _Item, missing: list[tuple[str, str, str]]) -> Decision:
+    def _orphan(self, item: _Item, missing: list[tuple[str, str, str]],
+                filtered: Mapping[str, set[str]]) -> Decision:
         """A record whose parent is not in the id map: filtered out by the parent link
         (settled at once, per ``filtered_parents``), or not synced yet (it waits)."""
-        left_out = [(c, p, v) for c, p, v in missing
-                    if v in self.state.filtered_ids(p, self._parent_side(p), [v])]
+        left_out = [(c, p, v) for c, p, v in missing if v in filtered[p]]
         if not left_out:
             return self._waiting(item, missing)
         what = "; ".join(f"{column}: the {parent!r} record with key {value!r} is left out by "
