@@ -1,7 +1,12 @@
 """``syncbus tx …``: the offline-transaction log (Resco CRM Sync's Offline Transactions tab).
 
-Statuses: pending (waiting for retry), processed (delivered; kept for the history's
-retention), error (in the dead-letter queue; the default view), archived (set aside).
+Statuses: pending (waiting for a retry, replayed, or being applied), processed
+(delivered; kept for the history's retention), error (dead-lettered; the default
+view), archived (set aside); ``--status all`` lists every one. Listing and counting
+read the state store's index only (:mod:`bus.txlog`).
+
+Heavy modules (the broker and state-store clients) are imported inside the commands,
+so that ``syncbus --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,9 +24,14 @@ from rich.text import Text
 from bus.broker_errors import BrokerUnavailable, broker_errors
 from bus.config import load_config
 from bus.peek import printable
-from bus.txlog import STATUSES, MoveResult, Transaction, TxFilter, TxLog, parse_since
 from connectors.base import BusError, ConfigError
 from schemas.config import parse_duration
+
+if TYPE_CHECKING:
+    from bus.txlog import MoveResult, Transaction, TxFilter, TxLog
+
+#: Statuses a listing shows (bus.txlog.STATUSES, and all).
+STATUSES = ("pending", "processed", "error", "archived")
 
 __all__ = ["tx"]
 
@@ -30,11 +40,13 @@ tx = typer.Typer(
         "Browse and act on the offline-transaction log.\n\n"
         "  syncbus tx list -c sync.yaml                      # Error transactions (the default)\n\n"
         "  syncbus tx list -c sync.yaml --status pending --link customers\n\n"
+        "  syncbus tx list -c sync.yaml --status all --json --limit 100\n\n"
         "  syncbus tx show -c sync.yaml 3f2a…                # one transaction, whole history\n\n"
         "  syncbus tx replay -c sync.yaml --all              # Set all to Pending\n\n"
         "  syncbus tx archive -c sync.yaml --error-contains 'violates not-null'\n\n"
         "  syncbus tx purge -c sync.yaml --archived --older-than 30d\n\n"
-        "  syncbus tx stats -c sync.yaml"
+        "  syncbus tx stats -c sync.yaml\n\n"
+        "  syncbus tx reconcile -c sync.yaml                 # index vs dead-letter log"
     ),
     no_args_is_help=True,
 )
@@ -54,6 +66,8 @@ _err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines (grep, 
 
 
 def _open(config: Path) -> TxLog:
+    from bus.txlog import TxLog  # noqa: PLC0415 - keeps `syncbus --help` fast
+
     try:
         return TxLog(load_config(config).config)
     except ConfigError as exc:
@@ -65,6 +79,8 @@ def _open(config: Path) -> TxLog:
 
 def _filter(ids: list[str] | None, link: str | None, entity: str | None, key: str | None,
             since: str | None, error_contains: str | None) -> TxFilter:
+    from bus.txlog import TxFilter, parse_since  # noqa: PLC0415
+
     try:
         when = parse_since(since) if since else None
     except ValueError:
@@ -92,18 +108,22 @@ def _run(log: TxLog, action: object) -> None:
 @tx.command("list")
 def list_(
     config: ConfigOpt,
-    status: Annotated[str, typer.Option(help="pending, processed, error or archived.")] = "error",
+    status: Annotated[str, typer.Option(
+        help="pending, processed, error, archived, or all.")] = "error",
     link: LinkOpt = None, entity: EntityOpt = None, key: KeyOpt = None, since: SinceOpt = None,
     error_contains: ErrorOpt = None,
     limit: Annotated[int | None, typer.Option(help="At most this many.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="A JSON array, events included.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="A JSON array (the index's fields; tx show adds the event).")] = False,
 ) -> None:
-    """List transactions of one status (Error by default), filtered.
+    """List transactions of one status (Error by default), the latest failure first.
+
+    Reads the state store's index only: complete and fast however long the log is.
 
     Example: syncbus tx list -c sync.yaml --entity customers --since 2h
     """
-    if status not in STATUSES:
-        _err.print(f"--status {status!r}: one of {', '.join(STATUSES)}")
+    if status not in (*STATUSES, "all"):
+        _err.print(f"--status {status!r}: one of {', '.join(STATUSES)} or all")
         raise typer.Exit(2)
     log = _open(config)
     flt = _filter(None, link, entity, key, since, error_contains)
@@ -111,30 +131,43 @@ def list_(
     def show() -> None:
         found = log.select(status, flt, limit)
         if as_json:
-            json.dump([t.to_json() for t in found], sys.stdout, indent=2, default=str)
-            sys.stdout.write("\n")
+            _dump_json([t.to_json() for t in found])
             return
         _table(found, status)
 
     _run(log, show)
 
 
+def _dump_json(rows: list[dict[str, object]]) -> None:
+    """A JSON array, one transaction per line (fast to write, easy to grep)."""
+    out = sys.stdout
+    out.write("[\n")
+    out.write(",\n".join(json.dumps(row, default=str) for row in rows))
+    out.write("\n]\n" if rows else "]\n")
+
+
 def _table(found: list[Transaction], status: str) -> None:
-    """One row per transaction; unreadable bodies are listed again below with size,
-    first bytes and why. Every cell is plain text (no markup), control characters escaped."""
+    """One row per transaction; unreadable bodies are listed again below with size and
+    why. Every cell is plain text (no markup), control characters escaped."""
     out = Console(highlight=False)
     if not found:
         out.print(f"no {status} transactions match")
         return
-    table = Table("id", "link", "entity", "key", "op", "attempts",
-                  "delivered" if status == "processed" else "when", "error", box=None)
+    when = "delivered" if status == "processed" else "when"
+    columns = ["id", "link", "entity", "key", "op", "attempts", when, "error"]
+    if status == "all":
+        columns.insert(1, "status")
+    table = Table(*columns, box=None)
     for t in found:
         attempts = "?" if t.attempts is None else str(t.attempts)
         key = "(unreadable)" if t.unreadable else t.key or "?"
         error = t.error or (t.unreadable.reason if t.unreadable else "")
-        table.add_row(*(Text(printable(cell, width)) for cell, width in (
-            (t.id, 40), (t.link or "?", 30), (t.entity or "?", 30), (key, 40), (t.op or "?", 10),
-            (attempts, 10), ((t.at or "")[:19], 19), (error, 70))))
+        cells = [(t.id, 40), (_link_label(t), 30), (t.entity or "?", 30), (key, 40),
+                 (t.op or "?", 10), (attempts, 10), ((t.last_failure or t.at or "")[:19], 19),
+                 (error, 70)]
+        if status == "all":
+            cells.insert(1, (t.status, 10))
+        table.add_row(*(Text(printable(cell, width)) for cell, width in cells))
     out.print(table)
     out.print(f"{len(found)} {status} transaction(s)")
     unreadable = [(t.id, t.unreadable) for t in found if t.unreadable]
@@ -145,10 +178,16 @@ def _table(found: list[Transaction], status: str) -> None:
             out.print(Text(printable(f"  {tx_id or '(no id)'}  {body.describe()}", 300)))
 
 
+def _link_label(t: Transaction) -> str:
+    link = t.link or "?"
+    return f"{link} (b→a)" if t.direction == "b2a" else link
+
+
 @tx.command()
 def show(config: ConfigOpt, tx_id: Annotated[str, typer.Argument(help="Transaction (event) id.")],
          ) -> None:
-    """Show one transaction in every status it has: headers, failure history, the event.
+    """Show one transaction on every link direction it has: its status and path (moves),
+    failure history and the event as the dead-letter log holds it.
 
     Prints JSON; the id is the first column of syncbus tx list.
 
@@ -159,10 +198,9 @@ def show(config: ConfigOpt, tx_id: Annotated[str, typer.Argument(help="Transacti
     def display() -> None:
         found = log.find(tx_id)
         if not found:
-            _err.print(f"no transaction {tx_id}")
+            _err.print(f"no transaction {tx_id} in the links of {config}")
             raise typer.Exit(1)
-        json.dump([t.to_json() for t in found], sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
+        _dump_json([t.to_json() for t in found])
 
     _run(log, display)
 
@@ -174,15 +212,23 @@ def replay(
     all_: Annotated[bool, typer.Option("--all", help="Every Error transaction.")] = False,
     link: LinkOpt = None, entity: EntityOpt = None, key: KeyOpt = None, since: SinceOpt = None,
     error_contains: ErrorOpt = None,
+    status: Annotated[str, typer.Option(
+        help="Replay transactions of this status: error (the default) or archived.")
+    ] = "error",
 ) -> None:
-    """Set Error transactions to Pending: back to their link for a new delivery.
+    """Set Error (or Archived) transactions to Pending: back to their link for a new delivery.
 
-    Crash-safe: each copy is confirmed by RabbitMQ before its original is removed.
+    Crash-safe: each copy is confirmed by RabbitMQ before its transaction is moved.
+    Reports per id; an id that matched nothing makes the exit code 1.
 
     Examples: syncbus tx replay -c sync.yaml 3f2a… 9b1c… · syncbus tx replay -c sync.yaml --all
     · syncbus tx replay -c sync.yaml --link customers --error-contains timeout
+    · syncbus tx replay -c sync.yaml --status archived 3f2a…
     """
-    _move(config, "replay", ids, all_, link, entity, key, since, error_contains)
+    if status not in ("error", "archived"):
+        _err.print(f"--status {status!r}: error or archived")
+        raise typer.Exit(2)
+    _move(config, "replay", ids, all_, link, entity, key, since, error_contains, status)
 
 
 @tx.command()
@@ -202,7 +248,7 @@ def archive(
 
 def _move(config: Path, action: str, ids: list[str] | None, all_: bool, link: str | None,
           entity: str | None, key: str | None, since: str | None,
-          error_contains: str | None) -> None:
+          error_contains: str | None, status: str = "error") -> None:
     flt = _filter(ids, link, entity, key, since, error_contains)
     if flt.empty and not all_:
         _err.print(f"say which transactions to {action}: ids, a filter (--link, --entity, --key, "
@@ -214,20 +260,29 @@ def _move(config: Path, action: str, ids: list[str] | None, all_: bool, link: st
         _err.print(f"{action}: {done} done", highlight=False)
 
     def act() -> None:
-        result: MoveResult = getattr(log, action)(flt, progress)
+        if action == "replay":
+            result: MoveResult = log.replay(flt, progress, status=status)
+        else:
+            result = log.archive(flt, progress)
         _report(action, result)
 
     _run(log, act)
 
 
 def _report(action: str, result: MoveResult) -> None:
+    """What moved, per id when ids were given; exit code 1 when an id matched nothing
+    or was left in place, 130 when interrupted."""
     verb = {"replay": "replayed (Pending)", "archive": "archived"}.get(action, action)
     typer.echo(f"{result.moved} transaction(s) {verb}")
     for reason, n in result.skipped.items():
         typer.echo(f"{n} left in place: {reason}")
+    for tx_id, outcome in result.outcomes.items():
+        typer.echo(f"  {printable(tx_id, 80)}: {outcome}")
     if result.interrupted:
         typer.echo("interrupted: the rest stay where they were; run the command again")
         raise typer.Exit(130)
+    if result.unmatched or (result.outcomes and result.skipped):
+        raise typer.Exit(1)
 
 
 @tx.command()
@@ -266,7 +321,7 @@ def purge(
 @tx.command()
 def stats(config: ConfigOpt,
           as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> None:
-    """Counts per link and status: pending, processed, error, archived.
+    """Counts per link and status: pending, processed, error, archived (from the index).
 
     Examples: syncbus tx stats -c sync.yaml · syncbus tx stats -c sync.yaml --json
     """
@@ -281,6 +336,48 @@ def stats(config: ConfigOpt,
         for link, row in sorted(counts.items()):
             table.add_row(link, *(str(row[s]) for s in STATUSES))
         Console().print(table)
+
+    _run(log, act)
+
+
+@tx.command()
+def reconcile(config: ConfigOpt,
+              as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> None:
+    """Bring the index up to date with the dead-letter log, and say what differs.
+
+    Reads every letter the log gained since the last sweep (to a marker of its own, so
+    the whole log is seen): letters RabbitMQ dead-lettered itself, and letters whose
+    index row a crash prevented, get their row. Lists rows whose letter is not in the
+    log. Moves what the quorum queues of syncbus before the index (syncbus.dead,
+    syncbus.archive) still hold into the log. A running worker does this every 30 s.
+
+    Example: syncbus tx reconcile -c sync.yaml
+    """
+    log = _open(config)
+
+    def act() -> None:
+        from bus.txsweep import migrate_legacy  # noqa: PLC0415
+
+        migrated = migrate_legacy(log.url)
+        report = log.sweep(lambda n: _err.print(f"reconcile: {n} letters read",
+                                                highlight=False), check=True)
+        if as_json:
+            typer.echo(json.dumps({
+                "read": report.read, "indexed": report.indexed, "located": report.located,
+                "stale": report.stale, "migrated": migrated, "end_offset": report.end_offset,
+                "unlocated": [r["id"] for r in report.unlocated]}, indent=2))
+            return
+        for queue, n in migrated.items():
+            typer.echo(f"{n} message(s) moved from {queue} into the dead-letter log")
+        typer.echo(f"{report.read} new letter(s) read from the dead-letter log: "
+                   f"{report.indexed} indexed, {report.located} located, "
+                   f"{report.stale} older than their transaction's last move")
+        if report.unlocated:
+            typer.echo(f"{len(report.unlocated)} transaction(s) whose body is not in the log "
+                       "(archive or purge them): "
+                       + ", ".join(printable(r["id"], 60) for r in report.unlocated[:20]))
+        else:
+            typer.echo("the index and the log agree")
 
     _run(log, act)
 

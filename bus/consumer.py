@@ -29,31 +29,39 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
+from bus.headers import LETTER_HEADER, headers
 from bus.peek import (
     ROUTING_KEY_RE,
     UNDECODABLE,
     body_bytes,
     count_header,
     harden_amqp_decoders,
+    header_history,
     safe_headers,
     time_header,
 )
 from bus.publisher import OutMessage, Publisher
 from bus.redact import redact_url
 from bus.topology import DEAD_EXCHANGE, LinkQueues
+from bus.txrecord import INFLIGHT_AFTER
 from schemas.config import RetryPolicy
+
+if TYPE_CHECKING:
+    from bus.txrecord import TxRecorder
 
 __all__ = ["BatchConsumer", "Decision", "Delivery", "Settled", "Verdict", "headers"]
 
@@ -72,31 +80,6 @@ UNREADABLE = "Unreadable"
 
 _ROUTING_KEY_RE = ROUTING_KEY_RE
 harden_amqp_decoders()  # no header or property may break the connection
-
-
-class headers:  # noqa: N801 - a namespace of header names
-    """Header names syncbus sets on retried and dead-lettered messages."""
-
-    ATTEMPTS = "x-syncbus-attempts"
-    LINK = "x-syncbus-link"
-    ROUTING_KEY = "x-syncbus-routing-key"
-    FIRST_FAILURE = "x-syncbus-first-failure"
-    LAST_FAILURE = "x-syncbus-last-failure"
-    ERROR = "x-syncbus-error"
-    ERROR_CLASS = "x-syncbus-error-class"
-    RESPONSE = "x-syncbus-response"
-    #: Failed attempts in the current round (a replay starts a new round).
-    ROUND = "x-syncbus-round"
-    #: When the current round of retries began (the offline window runs from here).
-    RETRY_SINCE = "x-syncbus-retry-since"
-    #: The last failures, oldest first: [{"at", "class", "error"}].
-    HISTORY = "x-syncbus-history"
-    #: How often an operator replayed the transaction.
-    REPLAYS = "x-syncbus-replays"
-    #: The work queue the transaction belongs to (where a replay sends it).
-    QUEUE = "x-syncbus-queue"
-    #: When an operator archived the transaction.
-    ARCHIVED_AT = "x-syncbus-archived-at"
 
 
 class Verdict(enum.Enum):
@@ -194,6 +177,9 @@ class BatchConsumer:
         prefetch: Unacked messages the broker may push to us.
         batch_size: Largest batch handed to ``handler``.
         on_settled: Called after each batch is settled (acked, copies confirmed).
+        tx_index: Writes settled batches to the offline-transaction index (after the
+            copies are confirmed, before the originals are acked), and lists a batch
+            as Pending while it is applied for longer than a second.
     """
 
     def __init__(
@@ -207,6 +193,7 @@ class BatchConsumer:
         prefetch: int,
         batch_size: int,
         on_settled: Callable[[Settled], None] | None = None,
+        tx_index: TxRecorder | None = None,
     ) -> None:
         self.url = url
         self.queues = queues
@@ -217,6 +204,10 @@ class BatchConsumer:
         self.batch_size = batch_size
         self.stats = ConsumerStats()
         self.on_settled = on_settled
+        self.tx_index = tx_index
+        #: When the batch being applied was handed over, and whether it is listed Pending.
+        self._pending_since = 0.0
+        self._inflight_listed = False
         #: Set to pause this link direction, clear to resume (see the module docstring).
         self.paused = threading.Event()
         self._buffer: list[Delivery] = []
@@ -306,12 +297,31 @@ class BatchConsumer:
             if self._buffer:
                 self._settle(channel)  # the previous batch first: acks stay in order
                 batch, self._buffer = self._buffer, []
-                self._pending = (batch, pool.submit(self._timed_decide, batch))
+                self._hand_over(batch, pool)
+            self._list_inflight()
         self._settle(channel)  # the batch being applied is finished and settled
         if self._buffer and stop.is_set():  # stopping: the batch in hand is applied too
             batch, self._buffer = self._buffer, []
-            self._pending = (batch, pool.submit(self._timed_decide, batch))
+            self._hand_over(batch, pool)
             self._settle(channel)
+
+    def _hand_over(self, batch: list[Delivery], pool: ThreadPoolExecutor) -> None:
+        self._pending = (batch, pool.submit(self._timed_decide, batch))
+        self._pending_since, self._inflight_listed = time.monotonic(), False
+
+    def _list_inflight(self) -> None:
+        """List the batch being applied as Pending once it took longer than
+        :data:`bus.txrecord.INFLIGHT_AFTER` (a slow target, a connector's retries)."""
+        if (self.tx_index is None or self._pending is None or self._inflight_listed
+                or self._pending[1].done()
+                or time.monotonic() - self._pending_since < INFLIGHT_AFTER):
+            return
+        self._inflight_listed = True
+        since = datetime.now(UTC) - timedelta(seconds=time.monotonic() - self._pending_since)
+        try:
+            self.tx_index.inflight(self._pending[0], since)
+        except Exception as exc:  # noqa: BLE001 - a view of work in progress, never a reason to stop
+            self._log.warning("inflight_listing_failed", error=str(exc) or type(exc).__name__)
 
     def _timed_decide(self, batch: list[Delivery]) -> tuple[list[Decision], float]:
         started = time.perf_counter()
@@ -350,17 +360,25 @@ class BatchConsumer:
         if self._pending is None:
             return
         batch, future = self._pending
+        if not future.done() and self.tx_index is not None and not self._inflight_listed:
+            remaining = INFLIGHT_AFTER - (time.monotonic() - self._pending_since)
+            with contextlib.suppress(Exception):  # a timeout: still being applied
+                future.result(timeout=max(0.0, remaining))
+            self._list_inflight()
         decisions, seconds = future.result()
         self._pending = None
-        copies = []
+        copies: list[OutMessage] = []
+        per_delivery: list[OutMessage | None] = []
         retried = dead_count = 0
         error: str | None = None
         for delivery, dec in zip(batch, decisions, strict=True):
             if dec.verdict is Verdict.ACK:
                 self.stats.acked += 1
+                per_delivery.append(None)
                 continue
             copy, dead = self._copy(delivery, dec)
             copies.append(copy)
+            per_delivery.append(copy)
             error = error or dec.error or dec.error_class
             if dead:
                 dead_count += 1
@@ -370,6 +388,10 @@ class BatchConsumer:
         self.stats.retried += retried
         # Apply rule: the copies must be confirmed before the originals are acked.
         self.publisher.publish_batch(copies)
+        if self.tx_index is not None:  # the index row: after the copy, before the ack
+            listed = set(range(len(batch))) if self._inflight_listed else set()
+            self.tx_index.settled(batch, decisions, per_delivery, listed)
+        self._inflight_listed = False
         # Everything delivered before this batch is settled already: one frame acks all.
         channel.basic_ack(max(d.message.delivery_tag for d in batch), multiple=True)
         self.stats.in_flight = len(self._buffer)
@@ -412,6 +434,7 @@ class BatchConsumer:
         attempts = delivery.attempts + 1
         round_ = count_header(delivery.headers.get(headers.ROUND)) + 1
         hdrs = safe_headers(delivery.headers)
+        hdrs.pop(LETTER_HEADER, None)  # a replayed copy's old letter is not this one
         for name in (headers.FIRST_FAILURE, headers.RETRY_SINCE):  # a forged time is no time
             if name in hdrs and time_header(hdrs[name]) is None:
                 del hdrs[name]
@@ -427,7 +450,7 @@ class BatchConsumer:
         })
         hdrs.setdefault(headers.FIRST_FAILURE, stamp)
         hdrs.setdefault(headers.RETRY_SINCE, stamp)
-        hdrs[headers.HISTORY] = _history(hdrs.get(headers.HISTORY), stamp, decision)
+        hdrs[headers.HISTORY] = _history(hdrs, stamp, decision)
         if decision.response:
             hdrs[headers.RESPONSE] = decision.response[:MAX_ERROR_CHARS]
         content_type = delivery.message.properties.get("content_type")
@@ -443,6 +466,7 @@ class BatchConsumer:
                               mandatory=True, content_type=content_type), False
         if give_up is not None:
             hdrs[headers.ERROR] = f"{give_up}: {decision.error}"[:MAX_ERROR_CHARS]
+        hdrs[LETTER_HEADER] = uuid.uuid4().hex
         self._log.warning("message_dead_lettered", event_id=delivery.message_id,
                           routing_key=delivery.original_routing_key, attempts=attempts,
                           error=hdrs[headers.ERROR])
@@ -504,8 +528,11 @@ def _unreadable(delivery: Delivery) -> Decision:
                     error_class=UNREADABLE)
 
 
-def _history(previous: Any, stamp: str, decision: Decision) -> list[dict[str, str]]:
-    entries = [e for e in previous if isinstance(e, dict)] if isinstance(previous, list) else []
+def _history(hdrs: dict[str, Any], stamp: str, decision: Decision) -> str:
+    """The history header with this failure added, as JSON text (a RabbitMQ stream,
+    where dead letters are kept, drops header values that are lists or tables)."""
+    entries: list[dict[str, str]] = [
+        e for e in header_history(hdrs, headers.HISTORY) if "unreadable" not in e]
     entries.append({"at": stamp, "class": decision.error_class or "",
                     "error": (decision.error or "")[:300]})
-    return entries[-MAX_HISTORY:]
+    return json.dumps(entries[-MAX_HISTORY:], separators=(",", ":"))

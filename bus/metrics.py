@@ -111,7 +111,7 @@ class Metrics:
                                     "Ready messages of a link's work or retry queues (sampled).",
                                     ["link", "queue"], registry=reg)
         self.dead_letters = Gauge("syncbus_dead_letter_queue_messages",
-                                  "Messages in the dead-letter queue syncbus.dead (sampled).",
+                                  "Error transactions of this config in the offline-transaction index (sampled).",
                                   registry=reg)
         self.throttled = Counter("syncbus_throttled", "Responses 429 (Too Many Requests).",
                                  ["connection"], registry=reg)

@@ -33,7 +33,7 @@ from kombu import Connection
 
 from bus.consumer import BatchConsumer, Settled
 from bus.metrics import Metrics
-from bus.topology import DEAD_QUEUE, LinkQueues
+from bus.topology import LinkQueues
 from connectors.base import BusError
 from consumers.apply import ApplyReport
 from producers.detector import Detector, PollResult
@@ -284,7 +284,8 @@ class Monitor:
                     work = _depth(channel, ln.queues.work)
                     retry = sum(_depth(channel, q) for _, q in ln.queues.retries)
                     self.metrics.queue_depths(ln.name, work=work, retry=retry)
-                self.metrics.dead_letters.set(_depth(channel, DEAD_QUEUE))
+            counts = self.state.tx_counts(list(self.config.links))
+            self.metrics.dead_letters.set(sum(row.get("error", 0) for row in counts.values()))
         except Exception as exc:  # noqa: BLE001 - any broker failure: not ready
             self._health.broker_error = f"{type(exc).__name__}: {exc}"
             return

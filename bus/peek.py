@@ -47,6 +47,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from bus.headers import headers
+
 __all__ = [
     "Body",
     "EventFields",
@@ -399,8 +401,17 @@ _INT_RE = re.compile(r"^\s*-?[0-9]{1,18}\s*$")
 
 
 def header_history(hdrs: Mapping[str, Any], name: str) -> list[dict[str, str]]:
-    """A history header (a list of tables), each entry's values as text; [] otherwise."""
+    """A history header, each entry's values as text; [] otherwise.
+
+    The header is JSON text (a RabbitMQ stream keeps only scalar header values, so
+    syncbus writes it that way) or, as written by syncbus before, a list of tables.
+    """
     value = hdrs.get(name)
+    if isinstance(value, str | bytes):
+        try:
+            value = parse_json(value, max_depth=4)
+        except UnreadableJSON:
+            return []
     if not isinstance(value, list | tuple):
         return []
     out = []
@@ -425,7 +436,7 @@ def read_failure(raw: object, delivery_limit: int | None = None) -> Failure:
         raw: The header table (capped here when it is not yet).
         delivery_limit: The link queues' ``x-delivery-limit`` (``broker.delivery_limit``).
     """
-    from bus.consumer import headers as h  # noqa: PLC0415 - bus.consumer may import this module
+    h = headers
 
     hdrs = cap_headers(raw)
     attempts = header_int(hdrs, h.ATTEMPTS)
@@ -442,6 +453,12 @@ def read_failure(raw: object, delivery_limit: int | None = None) -> Failure:
     death = _death(hdrs)
     if death is None or out.error:
         return out
+    return _broker_failure(out, hdrs, death, delivery_limit)
+
+
+def _broker_failure(out: Failure, hdrs: Mapping[str, Any], death: Mapping[str, Any],
+                    delivery_limit: int | None) -> Failure:
+    """The failure of a letter RabbitMQ dead-lettered itself (see :func:`read_failure`)."""
     reason = header_text(death, "reason") or "?"
     count = max(1, header_int(death, "count") or 1)
     queue = header_text(hdrs, "x-first-death-queue") or header_text(death, "queue") or ""
@@ -452,16 +469,23 @@ def read_failure(raw: object, delivery_limit: int | None = None) -> Failure:
     if not routing_key and isinstance(keys, list) and keys:
         routing_key = header_text({"k": keys[0]}, "k") or ""
     return replace(
-        out, link=out.link or _link_of_queue(queue), routing_key=routing_key,
+        out, link=out.link or _link_of_queue(queue), queue=out.queue or queue or None,
+        routing_key=routing_key,
         last_failure=out.last_failure or header_text(death, "time"),
         error_class=f"Broker.{reason}", error=_death_text(reason, count, queue, delivery_limit),
         deliveries=deliveries)
 
 
 def _death(hdrs: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The most recent death: ``x-death``'s first table, or — in a RabbitMQ stream,
+    which keeps scalar header values only — what the ``x-first-death-*`` headers say."""
     deaths = hdrs.get("x-death")
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
         return deaths[0]  # the most recent first
+    reason = header_text(hdrs, "x-first-death-reason")
+    if reason:
+        return {"reason": reason, "queue": header_text(hdrs, "x-first-death-queue") or "",
+                "count": 1}
     return None
 
 

@@ -30,7 +30,6 @@ RabbitMQ dead-lettered itself) is the queue browsed once and the counters correc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -48,11 +47,10 @@ from rich.table import Table
 from rich.text import Text
 
 from bus.broker_errors import EXIT_BROKER, broker_errors
-from bus.browse import NoSuchQueue, QueueBrowser
 from bus.config import load_config
-from bus.peek import cap_headers, header_text, printable, read_failure
+from bus.peek import printable
 from bus.redact import redact_text, redact_url
-from bus.topology import DEAD_QUEUE, all_link_queues, link_queues
+from bus.topology import all_link_queues, link_queues
 from connectors.base import BusError, ConfigError
 from connectors.registry import open_connector
 from producers.state import StateStore
@@ -176,12 +174,11 @@ def collect_status(config: SyncConfig, *, probe: bool = True, max_lag: float | N
     if probe:
         report.connections = _probe(config, timeout)
     errors: dict[str, int] | None = None
-    if report.broker.ok:
+    if tables:
         try:
-            errors = dead_counts(config, depths.get(DEAD_QUEUE) or 0,
-                                 tables["state"] if tables else None)
+            errors = dead_counts(tables["state"])
         except BusError as exc:
-            report.broker = Component("broker", False, exc.message)
+            report.state = Component("state store", False, exc.message)
     report.detectors = _detectors(config, tables, now, max_lag)
     report.links = [_link(name, link, direction, tables, depths, errors)
                     for name, link in enabled.items() for direction in link.directions]
@@ -191,36 +188,20 @@ def collect_status(config: SyncConfig, *, probe: bool = True, max_lag: float | N
     return report
 
 
-def dead_counts(config: SyncConfig, total: int, state: StateStore | None) -> dict[str, int]:
-    """Transactions in the dead-letter queue per link direction.
+def dead_counts(state: StateStore | None) -> dict[str, int]:
+    """Error transactions per link direction, from the offline-transaction index.
 
     Keys are the workers' counter names: the link's name for a → b, ``<link>.b2a``
-    for b → a.
-
-    Trusts the workers' counters when they add up to the queue's length ``total``;
-    otherwise browses the queue once and corrects the counters.
+    for b → a. Letters RabbitMQ dead-lettered itself are counted once a sweep indexed
+    them (a running worker sweeps every 30 s).
 
     Raises:
-        BrokerConnectionError: RabbitMQ cannot be reached for the browse.
+        ConnectorUnavailable: the state store cannot be reached.
     """
-    counters: dict[str, int] | None = None
-    if state is not None:
-        try:
-            counters = {k: int(v["dead_count"] or 0) for k, v in state.link_rows().items()}
-        except BusError:
-            counters = None
-    if counters is not None and sum(counters.values()) == total:
-        return counters
-    counted: dict[str, int] = {}
-    if total:
-        with QueueBrowser(config.broker.url) as browser:
-            counted = _count_by_direction(browser)
-        if browser.missed:
-            return counted  # an incomplete read: the counters are corrected next time
-    if state is not None:
-        with contextlib.suppress(BusError):  # shown anyway; corrected at the next status
-            state.set_dead_counts(counted)
-    return counted
+    if state is None:
+        return {}
+    return {counter_name(link, "b2a" if direction == "b2a" else "a2b"): n
+            for (link, direction), n in state.tx_count_by_direction("error").items()}
 
 
 def show_status(path: Path, *, as_json: bool = False, watch: bool = False,
@@ -389,7 +370,7 @@ def _state_tables(config: SyncConfig, timeout: float) -> tuple[dict[str, Any] | 
 
 
 def _queue_depths(config: SyncConfig, timeout: float) -> tuple[dict[str, int | None], Component]:
-    names = [DEAD_QUEUE]
+    names: list[str] = []
     for name, link in config.links.items():
         if link.enabled:
             for lq in all_link_queues(name, link):
@@ -523,26 +504,6 @@ def _link(name: str, link: Any, direction: str, tables: dict[str, Any] | None,
         if failed_at is not None and (st.last_applied_at is None or failed_at > st.last_applied_at):
             st.last_failure, st.last_failure_at = row.get("last_failure"), failed_at
     return st
-
-
-def _count_by_direction(browser: QueueBrowser) -> dict[str, int]:
-    """Dead letters per link direction (counter names), from their headers only.
-
-    Raises:
-        BrokerConnectionError: the connection broke while browsing.
-    """
-    counts: dict[str, int] = {}
-    try:
-        for _handle, props, _body in browser.browse(DEAD_QUEUE):
-            failure = read_failure(props.headers)
-            queue = failure.queue or header_text(cap_headers(props.headers),
-                                                 "x-first-death-queue") or ""
-            direction = "b2a" if queue.endswith(".b2a") else "a2b"
-            name = counter_name(failure.link or "?", direction)
-            counts[name] = counts.get(name, 0) + 1
-    except NoSuchQueue:
-        pass  # no worker declared the topology yet: nothing in it
-    return counts
 
 
 def _problems(report: StatusReport) -> list[str]:

@@ -50,7 +50,7 @@ from bus.consumer import BatchConsumer, Decision, Delivery, Verdict
 from bus.events import amqp_url, parse_event
 from bus.publisher import Publisher
 from bus.redact import redact_url
-from bus.topology import CHANGES_EXCHANGE, DEAD_EXCHANGE, DEAD_QUEUE, LinkQueues
+from bus.topology import CHANGES_EXCHANGE, DEAD_EXCHANGE, DEAD_LOG, LinkQueues, declare_dead_log
 from connectors.base import (
     BrokerConnectionError,
     ConfigError,
@@ -182,7 +182,7 @@ class Subscriber:
         channel = conn.channel()
         for exchange in (changes, dead):  # passive first: no configure permission needed
             channel = self._ensure_exchange(conn, channel, exchange)
-        channel = self._ensure_dead_queue(conn, channel, dead)
+        channel = self._ensure_dead_log(conn, channel)
         work = Queue(self.queue, durable=True, queue_arguments={
             "x-queue-type": "quorum",
             "x-delivery-limit": self.delivery_limit,
@@ -219,19 +219,18 @@ class Subscriber:
         return channel
 
     @staticmethod
-    def _ensure_dead_queue(conn: Connection, channel: Any, dead: Exchange) -> Any:
-        """The dead-letter queue as the topology declares it, unless it exists already.
+    def _ensure_dead_log(conn: Connection, channel: Any) -> Any:
+        """The dead-letter log as the topology declares it, unless it exists already.
 
         Returns:
             A usable channel (a failed passive declaration closes the one given).
         """
         try:
-            channel.queue_declare(queue=DEAD_QUEUE, passive=True)
+            channel.queue_declare(queue=DEAD_LOG, passive=True)
             return channel
         except NotFound:
             channel = conn.channel()
-        Queue(DEAD_QUEUE, exchange=dead, routing_key="", durable=True,
-              queue_arguments={"x-queue-type": "quorum"}).declare(channel=channel)
+        declare_dead_log(conn)
         return channel
 
     # -- running ---------------------------------------------------------------------------

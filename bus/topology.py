@@ -5,8 +5,14 @@
     syncbus.changes (topic) ──<conn>.<entity>.*──▶ syncbus.link.<link>.<dir>   (quorum, work queue)
                                                      │ x-delivery-limit exceeded
     syncbus.retry.<link>.<dir>.<seconds>s (quorum, TTL) ──expired──▶ back to the work queue
-    syncbus.dead (fanout) ─────────────────────────▶ syncbus.dead  (quorum: the offline-transaction log)
-    syncbus.archive (quorum): transactions an operator set aside
+    syncbus.dead (fanout) ─────────────────────────▶ syncbus.dead.log  (stream: bodies of the
+                                                     offline-transaction log; bus.deadlog)
+
+The statuses of the offline transactions (Pending, Processed, Error, Archived) live in
+the state store's index (:mod:`producers.state_tx`), not in queues. Configurations
+of syncbus before the index kept Error transactions in a quorum queue ``syncbus.dead``
+and Archived ones in ``syncbus.archive``; :mod:`bus.txsweep` moves what they still
+hold into the log.
 
 Everything is durable; the dead-lettering of quorum queues uses the at-least-once
 strategy (RabbitMQ ≥ 3.10), so a message moved by the broker itself can be
@@ -22,16 +28,19 @@ import structlog
 from amqp.exceptions import PreconditionFailed
 from kombu import Connection, Exchange, Queue
 
+from bus.deadlog import DEAD_LOG, dead_log_arguments
 from schemas.config import BrokerConfig, LinkConfig, SyncConfig
 
 __all__ = [
-    "ARCHIVE_QUEUE",
     "CHANGES_EXCHANGE",
     "DEAD_EXCHANGE",
-    "DEAD_QUEUE",
+    "DEAD_LOG",
     "HISTORY_STREAM",
+    "LEGACY_ARCHIVE_QUEUE",
+    "LEGACY_DEAD_QUEUE",
     "LinkQueues",
     "all_link_queues",
+    "declare_dead_log",
     "declare_history_stream",
     "declare_topology",
     "link_queues",
@@ -39,12 +48,12 @@ __all__ = [
 
 #: Topic exchange every change event is published to.
 CHANGES_EXCHANGE = "syncbus.changes"
-#: Fanout exchange in front of the dead-letter queue.
+#: Fanout exchange in front of the dead-letter log.
 DEAD_EXCHANGE = "syncbus.dead"
-#: The offline-transaction log.
-DEAD_QUEUE = "syncbus.dead"
-#: Transactions an operator set aside (Archived): kept, never delivered.
-ARCHIVE_QUEUE = "syncbus.archive"
+#: The quorum queue that held Error transactions before the dead-letter log.
+LEGACY_DEAD_QUEUE = "syncbus.dead"
+#: The quorum queue that held Archived transactions before the index.
+LEGACY_ARCHIVE_QUEUE = "syncbus.archive"
 
 _AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
@@ -101,12 +110,7 @@ def declare_topology(conn: Connection, config: SyncConfig) -> list[LinkQueues]:
     channel = conn.default_channel
     changes.declare(channel=channel)
     dead_x.declare(channel=channel)
-    Queue(
-        DEAD_QUEUE, exchange=dead_x, routing_key="", durable=True,
-        queue_arguments={"x-queue-type": "quorum"},
-    ).declare(channel=channel)
-    Queue(ARCHIVE_QUEUE, durable=True,
-          queue_arguments={"x-queue-type": "quorum"}).declare(channel=channel)
+    declare_dead_log(conn)
     declared = []
     for name, link in config.links.items():
         if not link.enabled:
@@ -140,6 +144,19 @@ def _declare_link(channel: Any, changes: Exchange, lq: LinkQueues, delivery_limi
                 **_AT_LEAST_ONCE,
             },
         ).declare(channel=channel)
+
+
+def declare_dead_log(conn: Connection) -> None:
+    """Declare the dead-letter log (a stream) and bind it to the dead-letter exchange;
+    safe to run again."""
+    dead_x = Exchange(DEAD_EXCHANGE, type="fanout", durable=True)
+    channel = conn.channel()
+    try:
+        dead_x.declare(channel=channel)
+        Queue(DEAD_LOG, exchange=dead_x, routing_key="", durable=True,
+              queue_arguments=dead_log_arguments()).declare(channel=channel)
+    finally:
+        channel.close()
 
 
 #: The stream every change event is also stored in (bound to ``syncbus.changes`` with ``#``).

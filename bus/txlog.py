@@ -3,48 +3,54 @@
 Statuses (from Resco CRM Sync's Offline Transactions tab):
 
 - **Pending** — waiting in a link's retry queues (including while its target is
-  offline); ready messages in the work queues are counted, not listed.
+  offline), set to Pending by an operator (replayed), or being applied for longer
+  than a second (a slow target, a connector inside its own retries).
 - **Processed** — applied; kept in the state store's history for its retention.
-- **Error** — in the dead-letter queue ``syncbus.dead``.
-- **Archived** — set aside by an operator in ``syncbus.archive``; never delivered.
+- **Error** — dead-lettered: its body is in the dead-letter log ``syncbus.dead.log``.
+- **Archived** — set aside by an operator; kept, never delivered.
 
-Moving a transaction (replay = "Set to Pending", archive = "Set to Archived") publishes
-its copy with a publisher confirm and only then removes the original, so a crash or
-Ctrl-C in the middle duplicates a transaction at worst and never loses one; duplicates
-are harmless because consumers skip versions already applied.
+Where things are: the state store's index (:mod:`producers.state_tx`) holds a row per
+transaction and its status; listing, filtering, counting and paging read the index
+only. RabbitMQ keeps the bodies in the dead-letter log, a stream read by offset
+(:mod:`bus.deadlog`). Archiving and purging change the index only. A replay
+("Set to Pending") reads the bodies at their offsets, publishes the copies to their
+work queues with publisher confirms, and only then moves the rows to Pending: a crash
+in between leaves a row in Error whose copy was delivered, and the consumer moves it
+to Processed when it applies the copy (a replay run again meanwhile is harmless:
+consumers skip versions already applied). Every command acts on the links of its
+configuration only (and on letters whose link no header names).
 
-Browsing a queue consumes its messages without acknowledging them; they return to the
-queue, in order, when the browsing channel closes. Messages are read with
-:mod:`bus.peek`: one that cannot be read is listed as unreadable (size, first bytes,
-why), never skipped and never a crash; it can be archived or replayed like any other.
+Before a replay, and in a running worker, :mod:`bus.txsweep` brings the index up to
+date with the log (letters RabbitMQ dead-lettered itself, a crash between a letter
+and its row).
 """
 
 from __future__ import annotations
 
-import contextlib
+import getpass
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pika
-import pika.exceptions
-
-from bus.browse import BROWSE_IDLE, Handle, NoSuchQueue, QueueBrowser
-from bus.consumer import headers
-from bus.integrity import Signer
-from bus.peek import Unreadable, body_bytes, cap_headers, read_body, read_failure
-from bus.publisher import OutMessage, Publisher
-from bus.topology import ARCHIVE_QUEUE, DEAD_QUEUE, all_link_queues
+from bus.headers import LETTER_HEADER, MARKER_HEADER, headers
+from bus.peek import Unreadable, read_body, read_failure
+from connectors.base import BusError
 from producers.state import StateStore
+from producers.state_ops import aware
+from producers.state_tx import TxKey, TxPage, TxQuery
 from schemas.config import SyncConfig, parse_duration
 from schemas.event import canonical_key
 
+if TYPE_CHECKING:  # the broker clients are imported by the commands that need them
+    from bus.deadlog import Letter
+    from bus.integrity import Signer
+    from bus.publisher import OutMessage, Publisher
+    from bus.txsweep import SweepReport
+
 __all__ = [
     "MoveResult",
-    "NoSuchQueue",
-    "QueueBrowser",
     "STATUSES",
     "Transaction",
     "TxFilter",
@@ -52,20 +58,24 @@ __all__ = [
     "parse_since",
 ]
 
-#: Statuses an operator filters by.
+#: Statuses an operator filters by (``all`` lists every one).
 STATUSES = ("pending", "processed", "error", "archived")
-#: Seconds to wait for the confirms of one chunk of copies.
-CONFIRM_WAIT = 120.0
-#: Transactions moved per confirmed publish (then their originals are acked).
+#: Seconds since the last sweep within which a listing trusts the index as it is (a
+#: running worker sweeps every :data:`bus.txsweep.SWEEP_INTERVAL` seconds).
+FRESH_FOR = 60.0
+#: Transactions moved per confirmed publish (then their rows are moved).
 MOVE_CHUNK = 2000
+#: Headers a replayed copy does not carry over from its dead letter.
+_NOT_REPLAYED = (headers.ROUND, headers.RETRY_SINCE, headers.ARCHIVED_AT, LETTER_HEADER,
+                 MARKER_HEADER, "x-stream-offset")
 
 
 @dataclass(slots=True)
 class Transaction:
     """One transaction of the log, as an operator sees it.
 
-    Read with :mod:`bus.peek`, so any message gives one: an unreadable body is kept
-    as :attr:`unreadable` (size, first bytes, why) and its event fields stay None.
+    Made from its index row; :meth:`TxLog.find` adds the event and headers read from
+    the dead-letter log. An unreadable body is described in :attr:`unreadable`.
     """
 
     id: str
@@ -76,6 +86,7 @@ class Transaction:
     op: str | None
     key: str | None
     version: int | str | None = None
+    direction: str = "?"
     #: Failed attempts; None when the header is there but not a number.
     attempts: int | None = 0
     replays: int = 0
@@ -85,47 +96,54 @@ class Transaction:
     error: str | None = None
     response: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
+    #: When it took its current status (applied, for Processed ones).
     at: str | None = None
     #: Deliveries before RabbitMQ's delivery limit dead-lettered it (None: not that case).
     deliveries: int | None = None
     #: Why the body cannot be read (None: it can, or there is none, as for Processed).
     unreadable: Unreadable | None = None
-    #: The event as parsed JSON when readable and small enough to show whole.
+    #: Its status changes, oldest first: [{"at", "status", "by", "note"}].
+    moves: list[dict[str, Any]] = field(default_factory=list)
+    #: Where its body lies in the dead-letter log (None: not known yet, or none).
+    offset: int | None = None
+    #: The id of the dead letter holding its body.
+    letter: str | None = None
+    #: The event as parsed JSON when read from the log, readable and small enough.
     event: dict[str, Any] | None = field(default=None, repr=False)
     size: int = 0
     preview: str = field(default="", repr=False)
     headers: dict[str, Any] = field(default_factory=dict, repr=False)
     body: bytes = field(default=b"", repr=False)
 
-    @classmethod
-    def from_message(cls, status: str, props: pika.BasicProperties, body: bytes, *,
-                     delivery_limit: int | None = None) -> Transaction:
-        """Read a dead-lettered, archived or retried message; never raises.
+    @property
+    def key_of(self) -> TxKey:
+        return TxKey(self.id, self.link or "?", self.direction)
 
-        Args:
-            delivery_limit: The link queues' ``x-delivery-limit``, to tell how often a
-                message RabbitMQ dead-lettered itself was delivered.
-        """
-        hdrs = cap_headers(props.headers)
-        failure = read_failure(hdrs, delivery_limit)
-        read = read_body(body)
-        fields = read.fields
-        entity, op = None, None
-        parts = failure.routing_key.split(".")
-        if len(parts) == 3 and read.unreadable is None:
-            entity, op = parts[1], parts[2]
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Transaction:
+        """A transaction from its index row."""
+        reason = row.get("unreadable")
         return cls(
-            id=_text_or_none(props.message_id) or fields.id or "", status=status,
-            link=failure.link, routing_key=failure.routing_key,
-            entity=fields.entity or entity, op=fields.op or op, key=fields.key,
-            version=fields.version, attempts=failure.attempts, replays=failure.replays,
-            first_failure=failure.first_failure, last_failure=failure.last_failure,
-            error_class=failure.error_class, error=failure.error, response=failure.response,
-            history=failure.history, deliveries=failure.deliveries,
-            at=failure.archived_at if status == "archived" else failure.last_failure,
-            unreadable=read.unreadable, event=read.value, size=read.size, preview=read.preview,
-            headers=hdrs, body=body if isinstance(body, bytes) else body_bytes(body) or b"",
-        )
+            id=row["id"], status=row["status"], link=row["link"],
+            routing_key=row.get("routing_key") or "", entity=row.get("entity"),
+            op=row.get("op"), key=row.get("record_key"), version=_version(row.get("version")),
+            direction=row.get("direction") or "?", attempts=row.get("attempts"),
+            replays=row.get("replays") or 0, first_failure=_iso(row.get("first_failure")),
+            last_failure=_iso(row.get("last_failure")), error_class=row.get("error_class"),
+            error=row.get("error"), response=row.get("response"),
+            history=json.loads(row["failures"]) if row.get("failures") else [],
+            at=_iso(row.get("status_at")), deliveries=row.get("deliveries"),
+            unreadable=Unreadable(row.get("size") or 0, row.get("preview") or "", reason)
+            if reason else None,
+            offset=row.get("log_offset"), letter=row.get("letter"), size=row.get("size") or 0)
+
+    def read_letter(self, letter: Letter) -> None:
+        """Add what the dead letter holds: the event (or why it cannot be read), headers."""
+        read = read_body(letter.body)
+        self.event, self.size, self.preview = read.value, read.size, read.preview
+        self.unreadable = read.unreadable
+        self.headers = {k: v for k, v in letter.headers.items() if k != "x-stream-offset"}
+        self.body = letter.body
 
     @property
     def problem(self) -> str:
@@ -135,22 +153,23 @@ class Transaction:
         return "; ".join(p for p in parts if p)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready view: the event parsed, or what can be said about the body.
+        """A JSON-ready view: the event parsed (when read from the log), or what can be
+        said about the body.
 
-        ``event`` is the parsed event (None for Processed ones and unreadable bodies);
-        an unreadable body adds ``unreadable: {size, preview, reason}``, a readable one
+        An unreadable body adds ``unreadable: {size, preview, reason}``, a readable one
         too large to show whole (over 64 KiB) adds ``event_preview: {size, preview}``.
         """
         out: dict[str, Any] = {k: getattr(self, k) for k in (
-            "id", "status", "link", "routing_key", "entity", "op", "key", "version", "attempts",
-            "replays", "first_failure", "last_failure", "error_class", "error", "response",
-            "history", "at", "deliveries")}
+            "id", "status", "link", "direction", "routing_key", "entity", "op", "key",
+            "version", "attempts", "replays", "first_failure", "last_failure", "error_class",
+            "error", "response", "history", "at", "deliveries", "offset")}
+        out["moves"] = [{**m, "at": _iso(m.get("at"))} for m in self.moves]
         out["event"] = self.event
         if self.unreadable is not None:
             out["unreadable"] = {"size": self.unreadable.size,
                                  "preview": self.unreadable.preview,
                                  "reason": self.unreadable.reason}
-        elif self.event is None and self.size:
+        elif self.event is None and self.size and self.preview:
             out["event_preview"] = {"size": self.size, "preview": self.preview}
         return out
 
@@ -190,14 +209,27 @@ class TxFilter:
         return not (self.ids or self.link or self.entity or self.key or self.since
                     or self.error_contains)
 
+    def query(self, statuses: tuple[str, ...], links: tuple[str, ...]) -> TxQuery:
+        """The index query for this filter (the key is checked exactly afterwards)."""
+        return TxQuery(statuses=statuses, links=links, link=self.link, entity=self.entity,
+                       ids=frozenset(self.ids), since=self.since,
+                       error_contains=self.error_contains, key_contains=_key_needle(self.key))
+
 
 @dataclass(slots=True)
 class MoveResult:
-    """What a replay, archive or purge did."""
+    """What a replay, archive or purge did, per transaction where ids were given."""
 
     moved: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
+    #: Per explicitly given id: what happened to it (moved, or why not).
+    outcomes: dict[str, str] = field(default_factory=dict)
+    #: Explicitly given ids that matched no transaction of this configuration.
+    unmatched: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
 
 
 Progress = Callable[[int], None]
@@ -208,14 +240,18 @@ class TxLog:
 
     Args:
         config: The syncbus configuration (broker, state store, links).
+        by: Who acts, recorded with every move (default: ``operator:<login name>``).
     """
 
-    def __init__(self, config: SyncConfig) -> None:
+    def __init__(self, config: SyncConfig, *, by: str | None = None) -> None:
         self.config = config
         self.url = config.broker.url
+        self.by = by or f"operator:{_login()}"
+        self.links = tuple(config.links)
         self._state: StateStore | None = None
-        #: Per queue: messages a read missed (see :attr:`QueueBrowser.missed`).
-        self._missed: dict[str, int] = {}
+        self._refreshed = False
+        #: Things a command should tell its user (e.g. bodies no longer in the log).
+        self.warnings: list[str] = []
 
     @property
     def state(self) -> StateStore:
@@ -229,109 +265,183 @@ class TxLog:
 
     # -- reading ----------------------------------------------------------------------
 
+    def refresh(self) -> None:
+        """Sweep the dead-letter log when no worker did lately (:data:`FRESH_FOR`), so a
+        listing also shows what RabbitMQ dead-lettered itself; a log that cannot be
+        read leaves a warning, never a failed listing."""
+        from bus.deadlog import NoDeadLog  # noqa: PLC0415 - listings need no broker client
+        from bus.txsweep import SWEEP_CURSOR  # noqa: PLC0415
+
+        if self._refreshed:
+            return
+        self._refreshed = True
+        try:
+            row = self.state.checkpoint_rows().get(SWEEP_CURSOR)
+            swept = row["updated_at"] if row else None
+            if swept is not None and datetime.now(UTC) - swept < timedelta(seconds=FRESH_FOR):
+                return
+            self.sweep()
+        except NoDeadLog:
+            return  # no worker declared the topology yet: nothing was dead-lettered
+        except BusError as exc:
+            self.warnings.append(f"the dead-letter log was not read ({exc.message}): "
+                                 "messages RabbitMQ dead-lettered itself since the last "
+                                 "sweep may be missing")
+
     def select(self, status: str = "error", flt: TxFilter | None = None,
-             limit: int | None = None) -> list[Transaction]:
-        """Transactions of ``status`` matching ``flt`` (oldest first; Processed newest first)."""
+               limit: int | None = None) -> list[Transaction]:
+        """Transactions of ``status`` (or ``all``) matching ``flt``, the most recent
+        failure first (Processed ones: the most recently applied first)."""
         flt = flt or TxFilter()
         if status == "processed":
             return self._processed(flt, limit)
-        found = []
-        for queue in self._queues(status):
-            with self._browser() as browser, contextlib.suppress(NoSuchQueue):
-                for _tag, props, body in browser.browse(queue):  # none before it is declared
-                    tx = self._read(status, props, body)
-                    if flt.match(tx):
-                        found.append(tx)
-                        if limit and len(found) >= limit:
-                            return found
+        self.refresh()
+        found = self._indexed(_statuses(status), flt, limit)
+        if status == "all" and (limit is None or len(found) < limit):
+            found += self._processed(flt, None if limit is None else limit - len(found))
         return found
 
+    def page(self, status: str = "error", flt: TxFilter | None = None, *, limit: int = 100,
+             after: str | None = None) -> tuple[list[Transaction], str | None]:
+        """One page of the index (the web console's listing): transactions of
+        ``status`` matching ``flt``, the most recent failure first, and the cursor of
+        the next page (None: this was the last).
+
+        Raises:
+            ValueError: ``after`` is not a cursor this method made.
+        """
+        flt = flt or TxFilter()
+        query = flt.query(_statuses(status, index_only=True), self.links)
+        txs: list[Transaction] = []
+        cursor = after
+        while len(txs) < limit:
+            page: TxPage = self.state.tx_rows(query, limit=limit, after=cursor)
+            txs += [t for t in map(Transaction.from_row, page.rows) if flt.match(t)]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return txs[:limit], cursor if len(txs) >= limit else None
+
     def find(self, tx_id: str) -> list[Transaction]:
-        """Every copy of transaction ``tx_id`` in any status."""
+        """Every transaction with id ``tx_id`` (one per link direction), with its moves
+        and, when the log still holds it, the event; Processed history included."""
         flt = TxFilter(ids={tx_id})
-        return [tx for status in ("error", "archived", "pending", "processed")
-                for tx in self.select(status, flt)]
+        self.refresh()
+        found = self._indexed(("pending", "processed", "error", "archived", "purged"), flt,
+                              None)
+        for tx in found:
+            tx.moves = self.state.tx_moves(tx.key_of)
+        located = {tx.offset: tx for tx in found if tx.offset is not None}
+        if located:
+            from bus.deadlog import DeadLog  # noqa: PLC0415
+            with DeadLog(self.url) as log:
+                for letter in log.fetch(located):
+                    located[letter.offset].read_letter(letter)
+        seen = {(t.link, t.status) for t in found}
+        found += [t for t in self._processed(flt, None) if (t.link, "processed") not in seen]
+        return found
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Counts per link and status (Pending includes ready messages of work queues)."""
-        counts: dict[str, dict[str, int]] = {}
-
-        def add(link: str | None, status: str, n: int = 1) -> None:
-            row = counts.setdefault(link or "?", dict.fromkeys(STATUSES, 0))
-            row[status] += n
-
-        with self._browser() as browser:
-            for status, queue in (("error", DEAD_QUEUE), ("archived", ARCHIVE_QUEUE)):
-                for link_name, n in count_by_link(browser, queue).items():
-                    add(link_name, status, n)
-            for name, link in self.config.links.items():
-                for lq in all_link_queues(name, link):
-                    add(name, "pending", sum(_ready(browser, q) for q in
-                                             (lq.work, *(r for _, r in lq.retries))))
-        for link_name, n in self.state.processed_counts().items():
-            add(link_name, "processed", n)
+        """Counts per link and status, from the index (Processed: the history)."""
+        self.refresh()
+        counts = {name: dict.fromkeys(STATUSES, 0) for name in self.links}
+        for link, row in self.state.tx_counts(self.links).items():
+            target = counts.setdefault(link, dict.fromkeys(STATUSES, 0))
+            for status in ("pending", "error", "archived"):
+                target[status] += row.get(status, 0)
+        for link, n in self.state.processed_counts().items():
+            if link in counts:
+                counts[link]["processed"] += n
         return counts
 
     # -- moving -----------------------------------------------------------------------
 
+    def sweep(self, progress: Progress | None = None, *, check: bool = False) -> SweepReport:
+        """Bring the index up to date with the dead-letter log (:mod:`bus.txsweep`)."""
+        from bus.txsweep import catch_up  # noqa: PLC0415
+
+        return catch_up(self.state, self.url, delivery_limit=self.config.broker.delivery_limit,
+                        progress=progress, check=check)
+
     def replay(self, flt: TxFilter, progress: Progress | None = None, *,
-               extra_headers: dict[str, Any] | None = None,
-               signer: Signer | None = None) -> MoveResult:
-        """Set matching Error transactions to Pending: back to their link's work queue.
+               extra_headers: dict[str, Any] | None = None, signer: Signer | None = None,
+               status: str = "error") -> MoveResult:
+        """Set matching Error (or, with ``status="archived"``, Archived) transactions to
+        Pending: their copies go back to their link's work queue.
 
         Args:
             extra_headers: Set on every replayed copy (e.g. a conflict's chosen winner).
             signer: Signs the copies anew when ``extra_headers`` holds a header the
                 signature covers (only copies of events the bus had signed).
-        """
-        now = datetime.now(UTC).isoformat()
-        known = {lq.work: n for n, lk in self.config.links.items() if lk.enabled
-                 for lq in all_link_queues(n, lk)}
+            status: Which transactions: ``error`` (the default) or ``archived``.
 
-        def copy(tx: Transaction) -> OutMessage | str:
-            queue = read_failure(tx.headers).queue or _work_queue(tx.link) or ""
-            if queue not in known:
-                return f"unknown link {tx.link!r} (not in this config)"
-            hdrs = {k: v for k, v in tx.headers.items()
-                    if k not in (headers.ROUND, headers.RETRY_SINCE) and not k.startswith("x-death")
-                    and not k.startswith("x-first-death") and not k.startswith("x-last-death")}
+        Raises:
+            NoDeadLog: no worker declared the topology yet.
+        """
+        from bus.topology import all_link_queues  # noqa: PLC0415
+
+        self.sweep()
+        self._refreshed = True
+        result = MoveResult()
+        txs = self._candidates(flt, status, result)
+        work: dict[tuple[str | None, str], str] = {
+            (n, lq.direction): lq.work for n, lk in self.config.links.items() if lk.enabled
+                for lq in all_link_queues(n, lk)}
+        wanted: dict[int, Transaction] = {}
+        for tx in txs:
+            if (tx.link, tx.direction) not in work:
+                self._refuse(result, tx, f"unknown or disabled link {tx.link!r} "
+                                         f"({tx.direction}) in this config")
+            elif tx.offset is None:
+                self._refuse(result, tx, "its body is not in the dead-letter log "
+                                         "(see syncbus tx reconcile)")
+            else:
+                wanted[tx.offset] = tx
+        now = datetime.now(UTC).isoformat()
+        from bus.publisher import OutMessage  # noqa: PLC0415
+
+        def copy(tx: Transaction, letter: Letter) -> OutMessage:
+            hdrs = {k: v for k, v in letter.headers.items()
+                    if k not in _NOT_REPLAYED and not k.startswith(("x-death", "x-first-death",
+                                                                      "x-last-death"))}
             hdrs[headers.REPLAYS] = tx.replays + 1
-            hdrs[headers.HISTORY] = [*tx.history, {"at": now, "class": "Replayed", "error": ""}][
-                -20:]
+            hdrs[headers.HISTORY] = json.dumps(
+                [*read_failure(letter.headers).history,
+                 {"at": now, "class": "Replayed", "error": ""}][-20:], separators=(",", ":"))
             hdrs[headers.ROUTING_KEY] = tx.routing_key
             hdrs[headers.LINK] = tx.link
+            hdrs[headers.QUEUE] = work[(tx.link, tx.direction)]
             if extra_headers:
                 hdrs.update(extra_headers)
                 if signer is not None:
-                    hdrs = signer.rebind(tx.body, tx.headers, hdrs)
-            return OutMessage("", queue, tx.body, hdrs, tx.id or None, mandatory=True)
+                    hdrs = signer.rebind(letter.body, letter.headers, hdrs)
+            return OutMessage("", work[(tx.link, tx.direction)], letter.body, hdrs,
+                              tx.id or None, mandatory=True,
+                              content_type=letter.props.content_type
+                              or "application/cloudevents+json")
 
-        return self._move(DEAD_QUEUE, "error", flt, copy, progress)
+        self._replay(wanted, copy, status, result, progress)
+        return result
 
     def archive(self, flt: TxFilter, progress: Progress | None = None) -> MoveResult:
         """Set matching Error transactions to Archived (kept, never delivered)."""
-        now = datetime.now(UTC).isoformat()
+        result = MoveResult()
+        txs = self._candidates(flt, "error", result)
+        self._move_rows(txs, "archived", ("error",), result, progress)
+        return result
 
-        def copy(tx: Transaction) -> OutMessage:
-            hdrs = {**tx.headers, headers.ARCHIVED_AT: now, headers.LINK: tx.link,
-                    headers.ROUTING_KEY: tx.routing_key, headers.ERROR: tx.error or "",
-                    headers.ERROR_CLASS: tx.error_class or ""}
-            return OutMessage("", ARCHIVE_QUEUE, tx.body, hdrs, tx.id or None, mandatory=True)
-
-        return self._move(DEAD_QUEUE, "error", flt, copy, progress)
-
-    def purge_archived(self, older_than: float, progress: Progress | None = None) -> MoveResult:
-        """Delete Archived transactions archived more than ``older_than`` seconds ago."""
-        flt = TxFilter()
+    def purge_archived(self, older_than: float, progress: Progress | None = None,
+                       flt: TxFilter | None = None) -> MoveResult:
+        """Delete Archived transactions archived more than ``older_than`` seconds ago:
+        they leave every listing and count (the index keeps a row with status
+        ``purged``, so that a sweep never brings one back; the body stays in the log,
+        see docs/operations.md)."""
+        result = MoveResult()
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
-
-        def drop(tx: Transaction) -> None | str:
-            when = _time_or_none(tx.at)
-            if when is None:
-                return "no readable archive time"
-            return "younger than the cut-off" if when >= cutoff else None
-
-        return self._move(ARCHIVE_QUEUE, "archived", flt, drop, progress)
+        txs = [t for t in self._candidates(flt or TxFilter(), "archived", result)
+               if (_time_or_none(t.at) or cutoff) < cutoff]
+        self._move_rows(txs, "purged", ("archived",), result, progress)
+        return result
 
     def purge_processed(self, older_than: float) -> int:
         """Delete Processed history older than ``older_than`` seconds."""
@@ -339,43 +449,94 @@ class TxLog:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _move(self, queue: str, status: str, flt: TxFilter,
-              copy: Callable[[Transaction], OutMessage | str | None],
-              progress: Progress | None) -> MoveResult:
-        """Copy (or drop, when ``copy`` returns None) matching messages, then ack them."""
-        result = MoveResult()
+    def _indexed(self, statuses: tuple[str, ...], flt: TxFilter,
+                 limit: int | None) -> list[Transaction]:
+        query = flt.query(statuses, self.links)
+        if not flt.key:
+            rows = self.state.tx_rows(query, limit=limit).rows
+            return [Transaction.from_row(r) for r in rows]
+        found = [t for t in map(Transaction.from_row, self.state.tx_rows(query).rows)
+                 if flt.match(t)]
+        return found[:limit] if limit else found
+
+    def _candidates(self, flt: TxFilter, status: str, result: MoveResult) -> list[Transaction]:
+        """The transactions of ``status`` a move acts on; explicit ids that are not there
+        (or have another status) are reported in ``result``."""
+        self.refresh()
+        txs = self._indexed((status,), flt, None)
+        if flt.ids:
+            found = {t.id for t in txs}
+            for tx_id in sorted(flt.ids - found):
+                elsewhere = self._indexed(STATUSES, TxFilter(ids={tx_id}), None)
+                if not elsewhere:
+                    result.unmatched.append(tx_id)
+                    result.outcomes[tx_id] = "no such transaction in this config"
+                    continue
+                now = ", ".join(sorted({t.status for t in elsewhere}))
+                hint = " (replay it with --status archived)" if now == "archived" else ""
+                result.outcomes[tx_id] = f"not {status} but {now}{hint}"
+                result.skip(f"not {status}")
+        return txs
+
+    def _refuse(self, result: MoveResult, tx: Transaction, reason: str) -> None:
+        result.skip(reason)
+        result.outcomes.setdefault(tx.id, reason)
+
+    def _replay(self, wanted: dict[int, Transaction],
+                copy: Callable[[Transaction, Letter], OutMessage], status: str,
+                result: MoveResult, progress: Progress | None) -> None:
+        if not wanted:
+            return
+        from bus.deadlog import DeadLog  # noqa: PLC0415
+        from bus.publisher import Publisher  # noqa: PLC0415
+
         publisher = Publisher(self.url, name="syncbus-tx")
-        in_flight: _InFlight | None = None
+        chunk: list[tuple[Transaction, OutMessage]] = []
+        seen: set[int] = set()
         try:
-            with self._browser() as browser:
-                chunk: list[tuple[Handle, OutMessage | None]] = []
-                try:
-                    for tag, props, body in browser.browse(queue):
-                        tx = self._read(status, props, body)
-                        if not flt.match(tx):
-                            continue
-                        out = copy(tx)
-                        if isinstance(out, str):
-                            result.skipped[out] = result.skipped.get(out, 0) + 1
-                            continue
-                        chunk.append((tag, out))
-                        if len(chunk) >= MOVE_CHUNK:
-                            # Confirm and remove the previous chunk while this one is sent.
-                            result.moved += _finish(browser, in_flight)
-                            in_flight = _InFlight(chunk, publisher)
-                            chunk = []
-                            if progress:
-                                progress(result.moved)
-                    result.moved += _finish(browser, in_flight)
-                    in_flight = None
-                    result.moved += _finish(browser, _InFlight(chunk, publisher))
-                except KeyboardInterrupt:
-                    result.interrupted = True  # unacked originals return to the queue
+            with DeadLog(self.url) as log:
+                for letter in log.fetch(wanted):
+                    seen.add(letter.offset)
+                    tx = wanted[letter.offset]
+                    chunk.append((tx, copy(tx, letter)))
+                    if len(chunk) >= MOVE_CHUNK:
+                        self._publish_moved(publisher, chunk, status, result, progress)
+                        chunk = []
+            self._publish_moved(publisher, chunk, status, result, progress)
+        except KeyboardInterrupt:
+            result.interrupted = True  # what was confirmed and moved stays moved
         finally:
             publisher.close()
-        if progress:
-            progress(result.moved)
-        return result
+        for offset in wanted.keys() - seen:
+            self._refuse(result, wanted[offset], "its body is no longer in the dead-letter log")
+
+    def _publish_moved(self, publisher: Publisher, chunk: list[tuple[Transaction, OutMessage]],
+                       status: str, result: MoveResult, progress: Progress | None) -> None:
+        """Publish a chunk of copies (confirmed), then move their rows to Pending."""
+        if not chunk:
+            return
+        publisher.publish_batch([m for _, m in chunk])
+        self._move_rows([t for t, _ in chunk], "pending", (status,), result, progress,
+                        changes={"replays": "+1"},
+                        letters={t.key_of: t.letter for t, _ in chunk if t.letter})
+
+    def _move_rows(self, txs: list[Transaction], to: str, from_statuses: tuple[str, ...],
+                   result: MoveResult, progress: Progress | None,
+                   changes: dict[str, Any] | None = None,
+                   letters: dict[TxKey, str] | None = None) -> None:
+        for start in range(0, len(txs), MOVE_CHUNK):
+            part = txs[start:start + MOVE_CHUNK]
+            moved = set(self.state.tx_move([t.key_of for t in part], to, by=self.by,
+                                           from_statuses=from_statuses, changes=changes,
+                                           letters=letters))
+            for tx in part:
+                if tx.key_of in moved:
+                    result.moved += 1
+                    result.outcomes.setdefault(tx.id, f"set to {to}")
+                else:
+                    self._refuse(result, tx, "changed meanwhile (a consumer settled it, or another command moved it)")
+            if progress:
+                progress(result.moved)
 
     def _processed(self, flt: TxFilter, limit: int | None) -> list[Transaction]:
         rows = self.state.processed_events(
@@ -383,6 +544,8 @@ class TxLog:
             event_id=next(iter(flt.ids)) if len(flt.ids) == 1 else None)
         out = []
         for row in rows:
+            if row["link"] not in self.links:
+                continue
             tx = Transaction(id=row["event_id"], status="processed", link=row["link"],
                              routing_key="", entity=row["entity"], op=row["op"],
                              key=row["record_key"], version=row["version"],
@@ -391,70 +554,46 @@ class TxLog:
                 out.append(tx)
         return out[:limit] if limit else out
 
-    def _queues(self, status: str) -> list[str]:
-        if status == "error":
-            return [DEAD_QUEUE]
-        if status == "archived":
-            return [ARCHIVE_QUEUE]
-        if status == "pending":
-            return [r for n, lk in self.config.links.items() for lq in all_link_queues(n, lk)
-                    for _, r in lq.retries]
-        raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
 
-    @contextlib.contextmanager
-    def _browser(self) -> Iterator[QueueBrowser]:
-        with QueueBrowser(self.url) as browser:
-            try:
-                yield browser
-            finally:
-                for queue, n in browser.missed.items():
-                    self._missed[queue] = self._missed.get(queue, 0) + n
-
-    @property
-    def warnings(self) -> list[str]:
-        """Reads so far that may be incomplete (see :attr:`QueueBrowser.missed`)."""
-        return [f"{n} message(s) counted in {queue} were not delivered within "
-                f"{BROWSE_IDLE:g}s (taken by a consumer meanwhile, or slow to deliver): the "
-                "result may be incomplete; run the command again"
-                for queue, n in self._missed.items()]
-
-    def _read(self, status: str, props: pika.BasicProperties, body: bytes) -> Transaction:
-        return Transaction.from_message(status, props, body,
-                                        delivery_limit=self.config.broker.delivery_limit)
-
-
-def count_by_link(browser: QueueBrowser, queue: str) -> dict[str, int]:
-    """Messages of ``queue`` per link ("?" when unknown), from their headers only.
+def _statuses(status: str, *, index_only: bool = False) -> tuple[str, ...]:
+    """The index statuses a listing of ``status`` reads.
 
     Raises:
-        BrokerConnectionError: the connection broke while browsing.
+        ValueError: not a status.
     """
-    counts: dict[str, int] = {}
+    if status == "all":
+        return ("pending", "error", "archived") + (("processed",) if index_only else ())
+    if status in STATUSES:
+        return (status,)
+    raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)} or all)")
+
+
+def _key_needle(wanted: str | None) -> str | None:
+    """Text every matching key contains (to narrow the query; the match is exact)."""
+    if not wanted:
+        return None
+    if wanted.startswith("{"):
+        try:
+            return canonical_key(json.loads(wanted))
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            return wanted
+    return wanted
+
+
+def _version(value: str | None) -> int | str | None:
+    if value is None:
+        return None
     try:
-        for _handle, props, _body in browser.browse(queue):
-            link = read_failure(props.headers).link or "?"
-            counts[link] = counts.get(link, 0) + 1
-    except NoSuchQueue:
-        pass  # no worker declared the topology yet: nothing in it
-    return counts
+        return int(value)
+    except ValueError:
+        return value
 
 
-class _InFlight:
-    """A chunk whose copies are being confirmed; its originals are acked once they are."""
-
-    def __init__(self, chunk: list[tuple[Handle, OutMessage | None]],
-                 publisher: Publisher) -> None:
-        self.handles = [handle for handle, _ in chunk]
-        self.wait = publisher.publish_async([m for _, m in chunk if m is not None])
-
-
-def _finish(browser: QueueBrowser, in_flight: _InFlight | None) -> int:
-    """Wait for the chunk's confirms, then remove its originals (the apply rule)."""
-    if in_flight is None or not in_flight.handles:
-        return 0
-    in_flight.wait(CONFIRM_WAIT)
-    browser.ack_all(in_flight.handles)
-    return len(in_flight.handles)
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def parse_since(value: str) -> datetime:
@@ -488,9 +627,11 @@ def _text_or_none(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def _iso(value: Any) -> str:
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
     if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+        return (aware(value) or value).isoformat()
     return str(value)
 
 
@@ -509,12 +650,3 @@ def _key_matches(wanted: str, key: str | None) -> bool:
         return False
 
 
-def _ready(browser: QueueBrowser, queue: str) -> int:
-    try:
-        return browser.count(queue)
-    except NoSuchQueue:
-        return 0  # not declared yet: nothing waits in it
-
-
-def _work_queue(link: str | None) -> str | None:
-    return f"syncbus.link.{link}.a2b" if link else None

@@ -38,7 +38,9 @@ from bus.monitor import Monitor
 from bus.publisher import Publisher
 from bus.redact import redact_url
 from bus.runs import run_records
-from bus.topology import DEAD_QUEUE, LinkQueues, declare_topology
+from bus.topology import LinkQueues, declare_topology
+from bus.txrecord import TxRecorder
+from bus.txsweep import SWEEP_INTERVAL, catch_up, migrate_legacy
 from connectors._http import add_throttle_listener, remove_throttle_listener
 from connectors.base import (
     BrokerConnectionError,
@@ -138,6 +140,8 @@ class Worker:
         self.health: HealthServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        #: Whether the pre-index quorum queues were checked (bus.txsweep.migrate_legacy).
+        self._migrated = False
         #: Connections whose refused webhook notifications this worker counts.
         self._webhooks_wired: set[str] = set()
         #: Links refused because their schema drifted (bus/drift.py): name → report.
@@ -243,6 +247,7 @@ class Worker:
             for d, interval in self.detectors
         ]
         threads.append(self._thread("housekeeping", self._housekeeping, stop))
+        threads.append(self._thread("txsweep", self._sweep_loop, stop))
         threads.append(self._thread("monitor", self._monitor().run, stop,
                                     self._sample_interval()))
         self._threads, self._stopping = threads, False
@@ -280,6 +285,7 @@ class Worker:
         summary.errors += [f"link {name} refused, its schema drifted: {'; '.join(lines)}"
                            for name, lines in self.refused.items()]
         polls: list[RunRecord] = []
+        self.sweep()
         stop = threading.Event()
         threads = [self._thread(f"consumer-{c.queues.work}", c.run, stop) for c, _ in self.consumers]
         threads.append(self._thread("monitor", self._monitor().run, stop, None))
@@ -308,7 +314,8 @@ class Worker:
                 t.join()
         self._purge_history()
         summary.links = self._link_summaries()
-        summary.dead_total = self._count(DEAD_QUEUE)
+        self.sweep()  # letters RabbitMQ dead-lettered itself count too
+        summary.dead_total = self._dead_total()
         self._report_paused(summary)
         summary.seconds = time.monotonic() - started
         self._record_run(summary, run_id, started_at, polls)
@@ -443,6 +450,8 @@ class Worker:
                 handler=applier, publisher=self.publisher, retry=link.retry,
                 prefetch=self.config.broker.prefetch, batch_size=link.batch_size,
                 on_settled=functools.partial(monitor.on_settled, label),
+                tx_index=TxRecorder(self.state, name, flow.direction,
+                                    self.config.broker.delivery_limit),
             )
             monitor.add_link(label, consumer, link_name=name, entity=flow.target.entity)
             self.consumers.append((consumer, applier))
@@ -492,6 +501,35 @@ class Worker:
         if records is not None:
             records.append(record)
         return result
+
+    def sweep(self) -> None:
+        """Reconcile the offline-transaction index with the dead-letter log (and move
+        what pre-index quorum queues hold into it); failures are logged, never raised."""
+        state = self._state()
+        try:
+            if not self._migrated:
+                moved = migrate_legacy(self.config.broker.url)
+                self._migrated = True
+                if any(moved.values()):
+                    log.warning("txlog_migrated", moved=moved)
+            report = catch_up(state, self.config.broker.url,
+                              delivery_limit=self.config.broker.delivery_limit)
+            if report.indexed or report.located:
+                log.info("txlog_swept", indexed=report.indexed, located=report.located,
+                         stale=report.stale)
+        except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+            log.warning("txlog_sweep_failed", error=str(exc) or type(exc).__name__)
+
+    def _sweep_loop(self, stop: threading.Event) -> None:
+        """Sweep when the worker starts and every :data:`SWEEP_INTERVAL` seconds."""
+        while not stop.is_set():
+            self.sweep()
+            stop.wait(SWEEP_INTERVAL)
+
+    def _dead_total(self) -> int:
+        """Error transactions of this config's links in the index."""
+        counts = self._state().tx_counts(list(self.config.links))
+        return sum(row.get("error", 0) for row in counts.values())
 
     def _housekeeping(self, stop: threading.Event) -> None:
         """Trim the histories to their retention, now and every hour."""

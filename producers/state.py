@@ -18,7 +18,8 @@ Tables:
   written once, never replaced.
 
 The operational tables (detector polls, link pause flags and counters, activity, sync
-run history) are described in :mod:`producers.state_ops`.
+run history) are described in :mod:`producers.state_ops`; the offline-transaction
+index in :mod:`producers.state_tx`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from bus.redact import redact_text, redact_url
 from connectors.base import ConnectorUnavailable
 from producers.state_ops import OpsStateMixin, aware, ops_metadata
+from producers.state_tx import TxIndexMixin, tx_metadata
 
 __all__ = ["AppliedGuard", "PAIR_COLUMNS", "StateStore"]
 
@@ -146,7 +148,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class StateStore(OpsStateMixin):
+class StateStore(OpsStateMixin, TxIndexMixin):
     """Access to the state tables; thread-safe (one pooled engine).
 
     Args:
@@ -171,6 +173,7 @@ class StateStore(OpsStateMixin):
         try:
             metadata.create_all(self.engine)
             ops_metadata.create_all(self.engine)
+            tx_metadata.create_all(self.engine)
         except sa.exc.OperationalError as exc:
             raise ConnectorUnavailable(f"state store {self.safe_url} unreachable: {exc.orig}") from exc
 

@@ -21,14 +21,24 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        #: While set, bytes are swallowed and new connections get no upstream: a peer that
+        #: hangs instead of refusing (calls wait for their timeouts).
+        self.stalled = threading.Event()
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
         probe.close()
         self.restore()
 
+    def stall(self) -> None:
+        """Keep connections open but pass nothing: every call hangs until it times out."""
+        self.stalled.set()
+
     def restore(self) -> None:
-        """Accept connections again."""
+        """Accept connections again (and pass bytes again after :meth:`stall`)."""
+        self.stalled.clear()
+        if self._listener is not None:
+            return
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -58,6 +68,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self.stalled.is_set():
+                with self._lock:
+                    self._conns.append(client)  # held, never answered
+                continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
                 server.settimeout(None)
@@ -69,11 +83,11 @@ class TcpProxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self.stalled.is_set():
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

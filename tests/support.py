@@ -126,3 +126,25 @@ def pick_free_port(
         if port not in avoided and _port_is_bindable(host, port):
             return port
     raise RuntimeError(f"no free TCP port found in [{low}, {high}) on {host}")
+
+
+def dead_letters(amqp_url: str, *, after: int | None = None) -> list[tuple[object, bytes]]:
+    """Every letter in the dead-letter log ``syncbus.dead.log`` (after offset ``after``):
+    (pika properties with capped headers, body); [] when the log does not exist yet.
+
+    Reads to a marker of its own, so the result is the whole log at the time of the
+    call (see :mod:`bus.deadlog`); reading never removes anything.
+    """
+    from bus.deadlog import DeadLog, NoDeadLog  # noqa: PLC0415 - test helpers stay light
+
+    try:
+        with DeadLog(amqp_url) as log:
+            start = None if after is None else after + 1
+            return [(letter.props, letter.body) for letter in log.read_to_end(start)]
+    except NoDeadLog:
+        return []
+
+
+def dead_letter_count(amqp_url: str) -> int:
+    """Letters in the dead-letter log (markers left out)."""
+    return len(dead_letters(amqp_url))

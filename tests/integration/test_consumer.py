@@ -11,9 +11,9 @@ from kombu import Connection
 
 from bus.consumer import BatchConsumer, Decision, Verdict
 from bus.publisher import OutMessage, Publisher
-from bus.topology import DEAD_QUEUE, declare_topology, link_queues
+from bus.topology import declare_topology, link_queues
 from schemas.config import SyncConfig
-from tests.support import wait_for
+from tests.support import dead_letters, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,7 @@ def _config(amqp_url: str) -> SyncConfig:
 
 
 def _dead(amqp_url: str) -> list[tuple[pika.BasicProperties, bytes]]:
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    out = []
-    channel = conn.channel()
-    while (got := channel.basic_get(DEAD_QUEUE, auto_ack=True))[0] is not None:
-        out.append((got[1], got[2]))
-    conn.close()
-    return out
+    return dead_letters(amqp_url)  # type: ignore[return-value]
 
 
 def test_a_poison_message_is_retried_with_delay_then_dead_lettered_with_its_error(amqp_url):

@@ -26,9 +26,9 @@ import sqlalchemy as sa
 
 from bus import app
 from bus.consumer import headers as H
-from bus.topology import CHANGES_EXCHANGE, DEAD_QUEUE
+from bus.topology import CHANGES_EXCHANGE
 from tests.fuzz_messages import FUZZ_ID, Hostile, event_body, hostile_messages
-from tests.support import wait_for
+from tests.support import dead_letter_count, dead_letters, wait_for
 from tests.syncenv import ROOT, insert_items, make_env, table_rows
 
 pytestmark = pytest.mark.integration
@@ -60,17 +60,9 @@ def _publish(amqp_url: str, messages: list[Hostile], rng: random.Random) -> None
 
 
 def _drain_dead(amqp_url: str) -> list[tuple[dict[str, Any], bytes]]:
-    """Every dead letter (consumed: call last), with its headers."""
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    channel = conn.channel()
-    count = channel.queue_declare(DEAD_QUEUE, passive=True).method.message_count
-    out = []
-    for _ in range(count):
-        method, props, body = channel.basic_get(DEAD_QUEUE, auto_ack=True)
-        assert method is not None, "the dead-letter queue emptied early"
-        out.append((dict(props.headers or {}), body))
-    conn.close()
-    return out
+    """Every dead letter in the log, with its headers."""
+    return [(dict(props.headers or {}), body)  # type: ignore[attr-defined]
+            for props, body in dead_letters(amqp_url)]
 
 
 def _queue_exists(amqp_url: str, name: str) -> bool:
@@ -131,7 +123,7 @@ def test_thousands_of_hostile_messages_never_stall_the_link_and_lose_nothing(
         def settled() -> bool:
             return (worker.poll() is None
                     and table_rows(dst, columns=("id", "name", "qty")) == expected
-                    and _queue_depths(amqp_url, [DEAD_QUEUE]) >= len(dead_expected))
+                    and dead_letter_count(amqp_url) >= len(dead_expected))
 
         wait_for(settled, timeout=400, interval=1.0,
                  message="the target never held every valid change, or dead letters are missing")

@@ -11,10 +11,10 @@ import sqlalchemy as sa
 from bus import app
 from bus.publisher import OutMessage, Publisher
 from bus.subscribe import PermanentError, Subscriber, TransientError, subscribe
-from bus.topology import CHANGES_EXCHANGE, DEAD_QUEUE
+from bus.topology import CHANGES_EXCHANGE
 from schemas.config import RetryPolicy
 from schemas.event import ChangeEvent, dumps, new_event, routing_key
-from tests.support import wait_for
+from tests.support import dead_letters, wait_for
 from tests.syncenv import insert_items, make_env
 
 pytestmark = pytest.mark.integration
@@ -99,7 +99,7 @@ def test_failures_are_retried_with_delay_or_dead_lettered_like_the_internal_cons
         dead: list[tuple[pika.BasicProperties, bytes]] = []
 
         def three_dead() -> bool:
-            dead.extend(_drain(amqp_url, DEAD_QUEUE))
+            dead[:] = dead_letters(amqp_url)
             return len(dead) >= 3
 
         wait_for(three_dead, timeout=30, message=lambda: f"dead letters: {len(dead)}")

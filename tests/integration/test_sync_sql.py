@@ -20,13 +20,13 @@ import yaml
 from bus import app
 from bus.config import load_config
 from bus.publisher import OutMessage, Publisher
-from bus.topology import CHANGES_EXCHANGE, DEAD_QUEUE, link_queues
+from bus.topology import CHANGES_EXCHANGE, link_queues
 from bus.worker import Worker
 from connectors.sql import SqlConnector
 from producers.state import StateStore
 from schemas.event import ChangeEvent, dumps, new_event, routing_key
 from tests.proxy import TcpProxy
-from tests.support import wait_for
+from tests.support import dead_letters, wait_for
 from tests.syncenv import insert_items, make_env, stop, syncbus, table_rows
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_rejected_row_goes_to_the_dead_letter_queue_and_its_batch_is_applied(
     assert any("1 change(s) went to the dead-letter queue" in line for line in lines), lines
     rows = table_rows(dst)
     assert len(rows) == 49 and 17 not in rows
-    dead = _drain(amqp_url, DEAD_QUEUE)
+    dead = dead_letters(amqp_url)
     assert len(dead) == 1
     props, body = dead[0]
     event = json.loads(body)

@@ -21,12 +21,12 @@ from kombu import Connection
 
 from bus import app
 from bus.config import load_config
-from bus.topology import DEAD_QUEUE, link_queues
+from bus.topology import link_queues
 from bus.worker import Worker
 from connectors.base import MAX_RETRY_SECONDS
 from connectors.dataverse.emulator import DataverseEmulator, Limits
 from tests.proxy import TcpProxy
-from tests.support import wait_for
+from tests.support import dead_letter_count, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +127,6 @@ def test_a_target_down_for_minutes_waits_in_the_retry_queues_not_in_the_consumer
     assert first_retry <= MAX_RETRY_SECONDS + 10, first_retry
     reconnects = [e for e in logs if e["event"] == "consumer_reconnecting"]
     assert reconnects == [], reconnects
-    assert _depth(amqp_url, [DEAD_QUEUE]) == 0  # nothing dead-lettered
+    assert dead_letter_count(amqp_url) == 0  # nothing dead-lettered
     retried = [e for e in logs if e["event"] == "message_retry"]
     assert all(e["error"] for e in retried)  # the queue depths above prove the retries
