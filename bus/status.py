@@ -176,6 +176,8 @@ def collect_status(config: SyncConfig, *, probe: bool = True, max_lag: float | N
     errors: dict[str, int] | None = None
     if tables:
         try:
+            if report.broker.ok:
+                _sweep(config, tables["state"], report)
             errors = dead_counts(tables["state"])
         except BusError as exc:
             report.state = Component("state store", False, exc.message)
@@ -186,6 +188,16 @@ def collect_status(config: SyncConfig, *, probe: bool = True, max_lag: float | N
     if tables:
         tables["state"].close()
     return report
+
+
+def _sweep(config: SyncConfig, state: StateStore, report: StatusReport) -> None:
+    """Index what RabbitMQ dead-lettered itself, unless a worker swept lately."""
+    from bus.txsweep import catch_up_if_stale  # noqa: PLC0415 - kombu/pika only with a broker
+
+    warning = catch_up_if_stale(state, config.broker.url,
+                                delivery_limit=config.broker.delivery_limit)
+    if warning:
+        report.broker = Component("broker", True, warning)
 
 
 def dead_counts(state: StateStore | None) -> dict[str, int]:
@@ -200,8 +212,11 @@ def dead_counts(state: StateStore | None) -> dict[str, int]:
     """
     if state is None:
         return {}
-    return {counter_name(link, "b2a" if direction == "b2a" else "a2b"): n
-            for (link, direction), n in state.tx_count_by_direction("error").items()}
+    counts: dict[str, int] = {}
+    for (link, direction), n in state.tx_count_by_direction("error").items():
+        name = counter_name(link, "b2a" if direction == "b2a" else "a2b")
+        counts[name] = counts.get(name, 0) + n  # a letter whose queue is unknown: a → b
+    return counts
 
 
 def show_status(path: Path, *, as_json: bool = False, watch: bool = False,

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 from bus.headers import LETTER_HEADER, MARKER_HEADER, headers
 from bus.peek import Unreadable, read_body, read_failure
-from connectors.base import BusError
 from producers.state import StateStore
 from producers.state_ops import aware
 from producers.state_tx import TxKey, TxPage, TxQuery
@@ -60,9 +59,6 @@ __all__ = [
 
 #: Statuses an operator filters by (``all`` lists every one).
 STATUSES = ("pending", "processed", "error", "archived")
-#: Seconds since the last sweep within which a listing trusts the index as it is (a
-#: running worker sweeps every :data:`bus.txsweep.SWEEP_INTERVAL` seconds).
-FRESH_FOR = 60.0
 #: Transactions moved per confirmed publish (then their rows are moved).
 MOVE_CHUNK = 2000
 #: Headers a replayed copy does not carry over from its dead letter.
@@ -266,27 +262,18 @@ class TxLog:
     # -- reading ----------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Sweep the dead-letter log when no worker did lately (:data:`FRESH_FOR`), so a
-        listing also shows what RabbitMQ dead-lettered itself; a log that cannot be
-        read leaves a warning, never a failed listing."""
-        from bus.deadlog import NoDeadLog  # noqa: PLC0415 - listings need no broker client
-        from bus.txsweep import SWEEP_CURSOR  # noqa: PLC0415
+        """Sweep the dead-letter log when no worker did lately
+        (:func:`bus.txsweep.catch_up_if_stale`), so a listing also shows what RabbitMQ
+        dead-lettered itself; a log that cannot be read leaves a warning."""
+        from bus.txsweep import catch_up_if_stale  # noqa: PLC0415 - listings need no broker
 
         if self._refreshed:
             return
         self._refreshed = True
-        try:
-            row = self.state.checkpoint_rows().get(SWEEP_CURSOR)
-            swept = row["updated_at"] if row else None
-            if swept is not None and datetime.now(UTC) - swept < timedelta(seconds=FRESH_FOR):
-                return
-            self.sweep()
-        except NoDeadLog:
-            return  # no worker declared the topology yet: nothing was dead-lettered
-        except BusError as exc:
-            self.warnings.append(f"the dead-letter log was not read ({exc.message}): "
-                                 "messages RabbitMQ dead-lettered itself since the last "
-                                 "sweep may be missing")
+        warning = catch_up_if_stale(self.state, self.url,
+                                    delivery_limit=self.config.broker.delivery_limit)
+        if warning:
+            self.warnings.append(warning)
 
     def select(self, status: str = "error", flt: TxFilter | None = None,
                limit: int | None = None) -> list[Transaction]:

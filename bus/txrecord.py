@@ -119,13 +119,15 @@ class TxRecorder:
         rows, applied = [], []
         for i, (delivery, decision, copy) in enumerate(zip(batch, decisions, copies,
                                                            strict=True)):
+            key = self.key(delivery)
             if decision.verdict is Verdict.ACK or copy is None:
-                if i in inflight or headers.REPLAYS in delivery.headers or (
-                        headers.ATTEMPTS in delivery.headers):
-                    applied.append(self.key(delivery))
+                if key is not None and (i in inflight or headers.REPLAYS in delivery.headers
+                                        or headers.ATTEMPTS in delivery.headers):
+                    applied.append(key)
                 continue
             dead = LETTER_HEADER in (copy.headers or {})
-            rows.append(self._row(delivery, copy, "error" if dead else "pending"))
+            if dead or key is not None:  # a retry of a message without an id is not listed
+                rows.append(self._row(key, copy, "error" if dead else "pending"))
         if rows:
             self.state.tx_record(_last_per_key(rows), by="consumer")
         if applied:
@@ -135,12 +137,12 @@ class TxRecorder:
         """List a batch still being applied as Pending (transactions the index does not
         know yet; a replayed one is Pending already)."""
         keys = [self.key(d) for d in batch]
-        known = self.state.tx_get(keys)
+        known = self.state.tx_get([k for k in keys if k is not None])
         note = (f"being applied since {since:%H:%M:%S} UTC: the target is slow or the "
                 "connector is retrying")
         rows = []
         for delivery, key in zip(batch, keys, strict=True):
-            if key in known:
+            if key is None or key in known:
                 continue
             row = index_row(delivery.headers, delivery.body, message_id=delivery.message_id,
                             status="pending", delivery_limit=self.delivery_limit)
@@ -151,19 +153,23 @@ class TxRecorder:
         if rows:
             self.state.tx_record(_last_per_key(rows), by="consumer", notes=[note] * len(rows))
 
-    def key(self, delivery: Delivery) -> TxKey:
+    def key(self, delivery: Delivery) -> TxKey | None:
+        """The delivery's transaction: its event id; None for a message without one
+        (its dead letter becomes a transaction of its own, named by the letter)."""
         from producers.state_tx import TxKey  # noqa: PLC0415
 
-        tx_id = delivery.message_id or read_body(delivery.body).fields.id or ""
-        return TxKey(tx_id[:200], self.link, self.direction)
+        tx_id = delivery.message_id or read_body(delivery.body).fields.id
+        return TxKey(tx_id[:200], self.link, self.direction) if tx_id else None
 
-    def _row(self, delivery: Delivery, copy: OutMessage, status: str) -> dict[str, Any]:
+    def _row(self, key: TxKey | None, copy: OutMessage, status: str) -> dict[str, Any]:
         hdrs = copy.headers or {}
         letter = hdrs.get(LETTER_HEADER) if status == "error" else None
         row = index_row(hdrs, copy.body, message_id=copy.message_id, status=status,
                         letter=letter if isinstance(letter, str) else None,
                         delivery_limit=self.delivery_limit)
-        row.update(id=self.key(delivery).id, link=self.link, direction=self.direction)
+        row.update(link=self.link, direction=self.direction)
+        if key is not None:
+            row["id"] = key.id
         return row
 
 

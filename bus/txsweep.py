@@ -24,28 +24,32 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pika
 import pika.exceptions
 
-from bus.deadlog import DEAD_LOG, DeadLog, Letter
+from bus.deadlog import DEAD_LOG, DeadLog, Letter, NoDeadLog
 from bus.headers import headers
 from bus.peek import cap_headers
 from bus.publisher import OutMessage, Publisher
 from bus.topology import DEAD_EXCHANGE, LEGACY_ARCHIVE_QUEUE, LEGACY_DEAD_QUEUE
 from bus.txrecord import index_row
+from connectors.base import BusError
 from producers.state import StateStore
 from producers.state_ops import aware
 from producers.state_tx import TxKey
 
-__all__ = ["SWEEP_CURSOR", "SWEEP_INTERVAL", "SweepReport", "catch_up", "migrate_legacy"]
+__all__ = ["FRESH_FOR", "SWEEP_CURSOR", "SWEEP_INTERVAL", "SweepReport", "catch_up",
+           "catch_up_if_stale", "migrate_legacy"]
 
 #: The state store cursor (checkpoint) holding the last swept offset of the log.
 SWEEP_CURSOR = "txlog:syncbus.dead.log"
 #: Seconds between two sweeps in a running worker.
 SWEEP_INTERVAL = 30.0
+#: Seconds a sweep keeps the index fresh for readers (listings, ``status``).
+FRESH_FOR = 60.0
 #: Letters indexed per state-store transaction (the cursor moves with each).
 SWEEP_CHUNK = 2000
 #: Messages of a legacy queue moved per confirmed publish.
@@ -101,6 +105,33 @@ def catch_up(state: StateStore, url: str, *, delivery_limit: int | None = None,
     if check:
         report.unlocated = state.tx_unlocated()
     return report
+
+
+def catch_up_if_stale(state: StateStore, url: str, *,
+                      delivery_limit: int | None = None) -> str | None:
+    """Sweep unless one ran in the last :data:`FRESH_FOR` seconds (a running worker
+    sweeps every :data:`SWEEP_INTERVAL`), so a reader also sees what RabbitMQ
+    dead-lettered itself.
+
+    Returns:
+        None, or a warning for the reader when the log could not be read (the index
+        is shown as it is).
+
+    Raises:
+        ConnectorUnavailable: the state store cannot be reached.
+    """
+    row = state.checkpoint_rows().get(SWEEP_CURSOR)
+    swept = aware(row["updated_at"]) if row else None
+    if swept is not None and datetime.now(UTC) - swept < timedelta(seconds=FRESH_FOR):
+        return None
+    try:
+        catch_up(state, url, delivery_limit=delivery_limit)
+    except NoDeadLog:
+        return None  # no worker declared the topology yet: nothing was dead-lettered
+    except BusError as exc:  # RabbitMQ cannot be reached or stopped delivering
+        return (f"the dead-letter log was not read ({exc.message}): messages RabbitMQ "
+                "dead-lettered itself since the last sweep may be missing")
+    return None
 
 
 def _index(state: StateStore, letters: Sequence[Letter], report: SweepReport,
