@@ -13,6 +13,7 @@ batch Pending while it is still being applied after :data:`INFLIGHT_AFTER` secon
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -27,12 +28,31 @@ if TYPE_CHECKING:
     from producers.state import StateStore
     from producers.state_tx import TxKey
 
-__all__ = ["INFLIGHT_AFTER", "TxRecorder", "direction_of_queue", "index_row"]
+__all__ = ["INFLIGHT_AFTER", "TxRecorder", "direction_of_queue", "event_id_of", "index_row"]
 
 #: Seconds a batch may be applied before its transactions are listed as Pending.
 INFLIGHT_AFTER = 1.0
+#: A transaction id: an event id (a UUID), or a letter id a replayed copy carries as its
+#: message id (32 hex digits, or ``o:<offset>`` for a letter RabbitMQ wrote).
+_TX_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
+                    r"|o:[0-9]{1,20}")
 #: Characters of a text column kept in the index.
 MAX_TEXT = 2000
+
+
+def event_id_of(message_id: str | None, body_id: str | None) -> str | None:
+    """The transaction id of a message: its event id (the AMQP message id, else the
+    body's ``id``) when that is a UUID, as every syncbus event id is, or the letter id
+    a replayed copy carries; None otherwise.
+
+    A foreign or damaged message may carry any id at all ("", "x", one shared by
+    thousands of messages); keyed by it, distinct messages would fold into one
+    transaction, so such a message is keyed by its dead letter instead.
+    """
+    for candidate in (message_id, body_id):
+        if candidate and _TX_ID.fullmatch(candidate):
+            return candidate
+    return None
 
 
 def direction_of_queue(queue: str | None) -> str:
@@ -72,7 +92,7 @@ def index_row(headers: Mapping[str, Any], body: object, *, message_id: object, s
     parts = failure.routing_key.split(".")
     if len(parts) == 3 and read.unreadable is None:
         entity, op = parts[1], parts[2]
-    tx_id = _text(message_id) or fields.id or letter or f"o:{offset}"
+    tx_id = event_id_of(_text(message_id), fields.id) or letter or f"o:{offset}"
     return {
         "id": tx_id[:200], "link": (failure.link or "?")[:200],
         "direction": direction_of_queue(failure.queue), "status": status,
@@ -154,12 +174,13 @@ class TxRecorder:
             self.state.tx_record(_last_per_key(rows), by="consumer", notes=[note] * len(rows))
 
     def key(self, delivery: Delivery) -> TxKey | None:
-        """The delivery's transaction: its event id; None for a message without one
-        (its dead letter becomes a transaction of its own, named by the letter)."""
+        """The delivery's transaction: its event id; None for a message without a
+        valid one (its dead letter becomes a transaction of its own, named by the
+        letter)."""
         from producers.state_tx import TxKey  # noqa: PLC0415
 
-        tx_id = delivery.message_id or read_body(delivery.body).fields.id
-        return TxKey(tx_id[:200], self.link, self.direction) if tx_id else None
+        tx_id = event_id_of(delivery.message_id, read_body(delivery.body).fields.id)
+        return TxKey(tx_id, self.link, self.direction) if tx_id else None
 
     def _row(self, key: TxKey | None, copy: OutMessage, status: str) -> dict[str, Any]:
         hdrs = copy.headers or {}

@@ -64,6 +64,12 @@ def _letters(ids: list[str], link: str = "items") -> Iterator[list[OutMessage]]:
                for n, i in enumerate(ids[start:start + 5_000], start)]
 
 
+def _uuids(n: int, seed: int) -> list[str]:
+    """``n`` event ids (UUIDs, as syncbus's are), the same for a seed."""
+    rnd = random.Random(seed)
+    return [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in range(n)]
+
+
 def _fill(amqp_url: str, ids: list[str], link: str = "items") -> None:
     publisher = Publisher(amqp_url)
     try:
@@ -159,7 +165,7 @@ def _consumer(config, decide) -> Iterator[BatchConsumer]:
 def test_the_listing_equals_the_log_and_queues_after_10000_random_moves(indexed_env):
     env, config = indexed_env
     rnd = random.Random(1510)
-    ids = [f"t{n}" for n in range(1500)]
+    ids = _uuids(1500, 1)
     _fill(config.broker.url, ids)
     applied: Counter[tuple[str, int]] = Counter()
 
@@ -193,7 +199,7 @@ def test_the_listing_equals_the_log_and_queues_after_10000_random_moves(indexed_
                 moves += done
                 purged |= gone
             elif op == "fail":
-                new = [f"n{fresh + k}" for k in range(50)]
+                new = _uuids(50, 1000 + fresh)
                 fresh += 50
                 _fill(config.broker.url, new)
                 ids += new
@@ -357,8 +363,8 @@ def test_two_configs_on_one_vhost_never_touch_each_others_transactions(tmp_path,
         env.config_path.write_text(yaml.safe_dump(raw))
         _declare(load_config(env.config_path).config)
         envs.append(env)
-    left_ids = [f"l{n}" for n in range(30)]
-    right_ids = [f"r{n}" for n in range(20)]
+    left_ids = _uuids(30, 2)
+    right_ids = _uuids(20, 3)
     _fill(amqp_url, left_ids, "left")
     _fill(amqp_url, right_ids, "right")
     left, right = (TxLog(load_config(e.config_path).config) for e in envs)
@@ -367,7 +373,7 @@ def test_two_configs_on_one_vhost_never_touch_each_others_transactions(tmp_path,
         assert {t.id for t in right.select("error")} == set(right_ids)
         assert left.archive(TxFilter()).moved == 30
         assert left.purge_archived(0).moved == 30
-        assert left.replay(TxFilter(ids={"r1"})).unmatched == ["r1"]
+        assert left.replay(TxFilter(ids={right_ids[1]})).unmatched == [right_ids[1]]
         assert left.stats() == {"left": {"pending": 0, "processed": 0, "error": 0,
                                          "archived": 0}}
         assert {t.id for t in right.select("error")} == set(right_ids)
