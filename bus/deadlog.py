@@ -171,54 +171,47 @@ class DeadLog:
 
     def _fetch_sparse(self, wanted: list[int]) -> Iterator[Letter]:
         """Fetch scattered letters one by one, :data:`PARALLEL_FETCHES` at a time: a
-        consumer attached at each offset takes its first delivery and is cancelled.
+        channel attached at each offset takes its first delivery and is dropped.
         The offsets come from the index, so each was in the log; one retention removed
         is answered with a later letter and left out."""
         todo = deque(wanted)
         found: deque[Letter] = deque()
-        attached: dict[str, tuple[Any, int]] = {}
-
-        def attach(channel: Any) -> None:
-            if not todo:
-                return
-            offset = todo.popleft()
-            tag = channel.basic_consume(DEAD_LOG, received,
-                                        arguments={"x-stream-offset": offset})
-            attached[tag] = (channel, offset)
+        attached: dict[int, tuple[Any, int]] = {}  # channel number -> channel, offset
+        done: list[Any] = []
 
         def received(channel: Any, method: Any, props: pika.BasicProperties,
                      body: bytes) -> None:
-            channel.basic_ack(method.delivery_tag)
-            entry = attached.pop(method.consumer_tag, None)
+            entry = attached.pop(channel.channel_number, None)
             if entry is None:
-                return  # read ahead by a consumer already cancelled
+                return  # read ahead past the wanted letter: dropped with the channel
+            done.append(channel)
             props.headers = cap_headers(props.headers)
-            got = props.headers.get("x-stream-offset")
-            if got == entry[1]:
+            if props.headers.get("x-stream-offset") == entry[1]:
                 found.append(Letter(entry[1], props, body, method.routing_key
                                     if isinstance(method.routing_key, str) else ""))
-            channel.basic_cancel(method.consumer_tag)
-            attach(channel)
 
-        channels = []
         try:
-            for _ in range(min(PARALLEL_FETCHES, len(wanted))):
-                channel = self._open_channel(prefetch=1)
-                channels.append(channel)
-                attach(channel)
             stalled_since = time.monotonic()
-            while attached or found:
-                if not found:
-                    if time.monotonic() - stalled_since > READ_STALL:
-                        raise self._stalled()
-                    self._events()
+            while todo or attached or found:
+                while todo and len(attached) < PARALLEL_FETCHES:
+                    channel = self._open_channel(prefetch=1)
+                    offset = todo.popleft()
+                    self._consume(channel, offset, received)
+                    attached[channel.channel_number] = (channel, offset)
+                while done:
+                    self._drop(done.pop())
+                if found:
+                    stalled_since = time.monotonic()
+                    yield found.popleft()
                     continue
-                stalled_since = time.monotonic()
-                yield found.popleft()
+                if time.monotonic() - stalled_since > READ_STALL:
+                    raise self._stalled()
+                self._events()
         finally:
-            for channel in channels:
-                with contextlib.suppress(Exception):
-                    channel.close()
+            for channel, _offset in attached.values():
+                self._drop(channel)
+            for channel in done:
+                self._drop(channel)
 
     def _read(self, start: int | str | None) -> Iterator[Letter]:
         channel = self._open_channel()
@@ -236,13 +229,7 @@ class DeadLog:
             inbox.append(Letter(int(offset) if isinstance(offset, int) else -1, props, body,
                                 method.routing_key if isinstance(method.routing_key, str) else ""))
 
-        offset_arg: int | str = "first" if start is None else start
-        try:
-            channel.basic_consume(DEAD_LOG, received,
-                                        arguments={"x-stream-offset": offset_arg})
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            self._channel = None
-            raise self._closed(exc) from exc
+        self._consume(channel, "first" if start is None else start, received)
         stalled_since = time.monotonic()
         try:
             while True:
@@ -254,9 +241,7 @@ class DeadLog:
                 stalled_since = time.monotonic()
                 yield inbox.popleft()
         finally:
-            with contextlib.suppress(Exception):
-                channel.close()  # drops whatever was still in flight
-            self._channel = None
+            self._drop(channel)  # with whatever was still in flight
 
     # -- appending ---------------------------------------------------------------------
 
@@ -292,6 +277,29 @@ class DeadLog:
             raise self._lost(exc) from exc
         self._channel = channel
         return channel
+
+    def _consume(self, channel: Any, offset: int | str, callback: Any) -> None:
+        try:
+            channel.basic_consume(DEAD_LOG, callback, arguments={"x-stream-offset": offset})
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._channel = None
+            raise self._closed(exc) from exc
+        except pika.exceptions.AMQPError as exc:
+            raise self._lost(exc) from exc
+
+    def _drop(self, channel: Any) -> None:
+        """Close a reading channel without first cancelling its consumer the way
+        pika's ``BlockingChannel.close`` does: that rejects every delivery still in
+        flight, and a stream answers a reject by closing the whole connection
+        (``NOT_IMPLEMENTED``). A stream delivers a chunk at a time whatever the
+        prefetch, so deliveries are in flight after any early stop. The channel's
+        own close leaves it closing at once, so later deliveries are ignored."""
+        if channel is self._channel:
+            self._channel = None
+        if not channel.is_open:
+            return
+        with contextlib.suppress(Exception):
+            channel._impl.close()  # noqa: SLF001 - the one way that rejects nothing
 
     def _events(self) -> None:
         try:

@@ -32,26 +32,28 @@ __all__ = ["INFLIGHT_AFTER", "TxRecorder", "direction_of_queue", "event_id_of", 
 
 #: Seconds a batch may be applied before its transactions are listed as Pending.
 INFLIGHT_AFTER = 1.0
-#: A transaction id: an event id (a UUID), or a letter id a replayed copy carries as its
-#: message id (32 hex digits, or ``o:<offset>`` for a letter RabbitMQ wrote).
-_TX_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
-                    r"|o:[0-9]{1,20}")
+#: An event id as syncbus makes them (a UUID).
+_TX_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 #: Characters of a text column kept in the index.
 MAX_TEXT = 2000
 
 
 def event_id_of(message_id: str | None, body_id: str | None) -> str | None:
-    """The transaction id of a message: its event id (the AMQP message id, else the
-    body's ``id``) when that is a UUID, as every syncbus event id is, or the letter id
-    a replayed copy carries; None otherwise.
+    """The transaction id of a message, or None when it has none to trust.
 
-    A foreign or damaged message may carry any id at all ("", "x", one shared by
-    thousands of messages); keyed by it, distinct messages would fold into one
-    transaction, so such a message is keyed by its dead letter instead.
+    The AMQP message id names a transaction (syncbus sets it to the event id; a
+    foreign publisher that reuses one says its messages are the same) when it is
+    1-200 printable characters without spaces. Without one, the body's ``id`` does
+    when it is a UUID, as every syncbus event id is: a damaged or foreign body may say
+    anything ("", "x", one id shared by thousands of messages), and keyed by that,
+    distinct messages would fold into one transaction. Such a message is named by
+    its dead letter instead.
     """
-    for candidate in (message_id, body_id):
-        if candidate and _TX_ID.fullmatch(candidate):
-            return candidate
+    if message_id and len(message_id) <= 200 and message_id.isprintable() and not any(
+            ch.isspace() for ch in message_id):
+        return message_id
+    if body_id and _TX_ID.fullmatch(body_id):
+        return body_id
     return None
 
 

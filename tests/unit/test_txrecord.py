@@ -18,18 +18,19 @@ HEADERS = {"x-syncbus-link": "items", "x-syncbus-queue": "syncbus.link.items.b2a
 @pytest.mark.parametrize(("message_id", "body_id", "expected"), [
     (EVENT_ID, None, EVENT_ID),
     (None, EVENT_ID, EVENT_ID),
-    ("forged", EVENT_ID, EVENT_ID),  # a bogus message id does not hide the event's own
+    ("order-4711", EVENT_ID, "order-4711"),  # the AMQP identity of a foreign publisher
     (LETTER, None, LETTER),  # a replayed copy of a transaction named by its letter
     ("o:123", None, "o:123"),
-    ("", "", None), ("x" * 200, None, None), ("has space", "abc\u0000def", None),
-    (EVENT_ID + "\n", None, None),
+    ("", "", None), ("x" * 201, None, None), ("has space", "abc\u0000def", None),
+    (EVENT_ID + "\n", None, None), (None, "x", None), (None, "has space", None),
+    (None, LETTER, None),
 ])
 def test_only_an_id_of_the_bus_names_a_transaction(message_id, body_id, expected):
     assert event_id_of(message_id, body_id) == expected
 
 
 def test_foreign_messages_sharing_an_id_stay_separate_transactions():
-    rows = [index_row(HEADERS, json.dumps({"id": "x"}).encode(), message_id="x",
+    rows = [index_row(HEADERS, json.dumps({"id": "x"}).encode(), message_id=None,
                       status="error", letter=f"{n:032x}") for n in range(3)]
     assert [r["id"] for r in rows] == [f"{n:032x}" for n in range(3)]
     assert {(r["link"], r["direction"], r["error_class"]) for r in rows} == {
