@@ -559,7 +559,7 @@ def harden_amqp_decoders() -> None:
     than :data:`MAX_HEADER_DEPTH` is skipped by its length prefix and read as the text
     ``<nested deeper than 8 levels>``, a bad timestamp as ``<timestamp N out of range>``.
     The decoders look themselves up by module name at each level, so wrapping one
-    function per client covers every level. Idempotent; called when :mod:`bus.browse`
+    function per client covers every level. Idempotent; called when :mod:`bus.deadlog`
     and :mod:`bus.events` are imported (the link consumer should call it too).
     """
     import amqp.serialization  # noqa: PLC0415 - the clients are only patched when used

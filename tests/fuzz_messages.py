@@ -16,6 +16,7 @@ price numeric, updated timestamp).
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,9 @@ def event_dict(key: Any, version: Any = 1, *, name: str = "n", qty: int = 1,
                       modified_at=None, cursor=None)
     event["data"]["key"] = {"id": key}
     event["data"]["version"] = version
+    # An id of its own, as the bus would give it (same record key and version, same id):
+    # one event per message, even for a key or version new_event could not take.
+    event["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"fuzz/{key!r}/{version!r}"))
     for path, value in over.items():
         node = event
         *parents, last = path.split("__")

@@ -143,7 +143,12 @@ def test_thousands_of_hostile_messages_never_stall_the_link_and_lose_nothing(
     config = str(env.config_path)
     status = run_cli("status", "--config", config)
     assert status.returncode == 1, status.stderr[-2000:]  # 1: something needs attention
-    assert f"{len(dead_expected)} transaction(s) in error" in status.stdout
+    if f"{len(dead_expected)} transaction(s) in error" not in status.stdout:
+        listed = json.loads(run_cli("tx", "list", "--json", "--config", config).stdout or "[]")
+        pytest.fail(f"{status.stdout}\nlisted by class: "
+                    f"{Counter(t.get('error_class') for t in listed)}\nexpected by class: "
+                    f"{Counter(m.dead for m in dead_expected)}\nids seen twice: "
+                    f"{[i for i, n in Counter(t.get('id') for t in listed).items() if n > 1]}")
     for args in (["tx", "list"], ["tx", "list", "--json"], ["tx", "stats"]):
         result = run_cli(*args, "--config", config)
         assert result.returncode == 0, (args, result.stderr[-2000:])

@@ -244,8 +244,11 @@ def poisoned(tmp_path, amqp_url):
     return env, cases
 
 
-def _id(case: Case) -> str:
-    return case.message_id or "5"  # the case without a message id has id 5 in its body
+def _id(case: Case, cases: list[Case]) -> str:
+    """A case's transaction id: its message id. The case without one has ``5`` in its
+    body, no event id of the bus (a UUID), so it is named by its letter: the offset
+    it was published at into the fresh log."""
+    return case.message_id or f"o:{cases.index(case)}"
 
 
 def test_tx_list_shows_each_unreadable_dead_letter_with_size_first_bytes_and_why(poisoned):
@@ -265,7 +268,8 @@ def test_tx_list_shows_each_unreadable_dead_letter_with_size_first_bytes_and_why
     for key in (1, 2):
         (row,) = [ln for ln in lines if ln.split()[:1] == [f"valid-{key}"]]
         assert row.split()[1:5] == ["items", "items", f'{{"id":{key}}}', "upsert"], row
-    (odd,) = [ln for ln in lines if ln.split()[:1] == ["5"]]  # ints and lists as text
+    (odd_case,) = [c for c in cases if not c.message_id]
+    (odd,) = [ln for ln in lines if ln.split()[:1] == [_id(odd_case, cases)]]  # ints and lists as text
     assert odd.split()[1:6] == ["items", "7", "[9]", "1", "1"], odd
     (bad,) = [ln for ln in lines if ln.split()[:1] == ["attempts-abc"]]
     assert bad.split()[5] == "?"
@@ -281,9 +285,9 @@ def test_tx_list_json_show_stats_and_filters_read_every_hostile_dead_letter(pois
     assert result.returncode == 0 and not result.stderr, result.stderr
     assert len(result.stdout) < 500_000  # the two 5 MB bodies are not printed whole
     listed = {t["id"]: t for t in json.loads(result.stdout)}
-    assert set(listed) == {_id(c) for c in cases}
+    assert set(listed) == {_id(c, cases) for c in cases}
     for case in cases:
-        tx = listed[_id(case)]
+        tx = listed[_id(case, cases)]
         assert tx["link"] == "items" and tx["status"] == "error"
         if case.reason:
             assert case.reason in tx["unreadable"]["reason"], tx
@@ -292,7 +296,8 @@ def test_tx_list_json_show_stats_and_filters_read_every_hostile_dead_letter(pois
         else:
             assert "unreadable" not in tx and tx["key"], tx
     assert listed["valid-1"]["error"] == "boom" and listed["valid-1"]["attempts"] == 1
-    assert [listed["5"][f] for f in ("entity", "op", "key", "version")] == ["7", "1", "[9]", "[1]"]
+    odd = next(_id(c, cases) for c in cases if not c.message_id)
+    assert [listed[odd][f] for f in ("entity", "op", "key", "version")] == ["7", "1", "[9]", "[1]"]
     assert listed["attempts-abc"]["attempts"] is None
     assert listed["history-not-list"]["history"] == []
     assert listed["error-bytes"]["error"] == "\\xff bad \x00"
@@ -317,8 +322,9 @@ def test_tx_list_json_show_stats_and_filters_read_every_hostile_dead_letter(pois
 
     log = TxLog(load_config(env.config_path).config)
     try:
-        readable = {_id(c) for c in cases if not c.reason}
-        assert {t.id for t in log.select("error", TxFilter(entity="items"))} == readable - {"5"}
+        readable = {_id(c, cases) for c in cases if not c.reason}
+        assert {t.id for t in log.select("error", TxFilter(entity="items"))} == readable - {
+            _id(c, cases) for c in cases if not c.message_id}
         assert [t.id for t in log.select("error", TxFilter(key="1"))] == ["valid-1"]
         assert {t.id for t in log.select("error", TxFilter(error_contains="not json"))} == {
             "not-json", "nul", "nan"}
@@ -340,7 +346,7 @@ def test_unreadable_dead_letters_can_be_archived_and_stay_readable_as_unreadable
     assert {t["id"] for t in archived} == unreadable
     assert all(t["unreadable"]["reason"] and t["at"] for t in archived)
     left = json.loads(tx_cli(env.config_path, "list", "--json").stdout)
-    assert {t["id"] for t in left} == {_id(c) for c in cases if not c.reason}
+    assert {t["id"] for t in left} == {_id(c, cases) for c in cases if not c.reason}
 
 
 @pytest.mark.slow
