@@ -31,8 +31,9 @@ from typing import Any
 
 import structlog
 
-from bus.consumer import Decision, Delivery, Verdict
-from bus.integrity import BOUND_HEADERS
+from bus.amqp.consumer import Decision, Delivery, Verdict
+from bus.amqp.integrity import BOUND_HEADERS
+from bus.state.store import AppliedGuard, StateStore
 from connectors.base import (
     BusError,
     ConfigError,
@@ -49,7 +50,6 @@ from consumers.flow import Flow
 from consumers.intake import Intake
 from consumers.mapping import FieldMapper
 from consumers.twoway import DELETED, LinkSides, content_hash, single_id, winner
-from producers.state import AppliedGuard, StateStore
 from schemas.config import LinkConfig
 from schemas.event import canonical_key
 
@@ -58,7 +58,7 @@ __all__ = ["ApplyReport", "ApplyStats", "LinkApplier", "MASTER_HEADER", "Planned
 log = structlog.get_logger(__name__)
 
 #: Header an operator's conflict resolution sets on a replayed change: the side (a/b)
-#: whose version is kept. Covered by the event's signature (bus.integrity).
+#: whose version is kept. Covered by the event's signature (bus.amqp.integrity).
 WINNER_HEADER = BOUND_HEADERS[0]
 #: Header of Sync All events: the master side (a/b) that wins every difference (signed).
 MASTER_HEADER = BOUND_HEADERS[1]
@@ -247,7 +247,7 @@ class LinkApplier:
     def plan(self, batch: Sequence[Delivery]) -> tuple[list[Planned], list[Decision | None]]:
         """Steps 1-3 of a batch (filter, map, lookups, coalesce), writing nothing.
 
-        Read-only: what ``syncbus preview`` (:mod:`bus.preview`) classifies. The id map
+        Read-only: what ``syncbus preview`` (:mod:`bus.ops.preview`) classifies. The id map
         is read, never written; :attr:`stats` counts as for a real batch.
 
         Returns:

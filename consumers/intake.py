@@ -6,7 +6,7 @@ failure dead-letters the message with the reason (nothing is written, the orderi
 guard is not consulted):
 
 1. size: at most ``broker.max_event_bytes``;
-2. integrity: the bus's signature (:mod:`bus.integrity`) → ``Unverified``;
+2. integrity: the bus's signature (:mod:`bus.amqp.integrity`) → ``Unverified``;
 3. JSON: UTF-8, no NaN/Infinity, nested at most :data:`MAX_DEPTH` levels;
 4. the CloudEvents envelope and syncbus's data (the published schema,
    ``schemas/change-event.v1.json``): ``specversion``, an ``id`` of safe characters,
@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bus.consumer import Delivery
-from bus.integrity import BOUND_HEADERS, Signer
+from bus.amqp.consumer import Delivery
+from bus.amqp.integrity import BOUND_HEADERS, Signer
 from connectors.base import SchemaError, Unverified
 from consumers.flow import Flow
 from schemas.event import EVENT_TYPE_PREFIX
@@ -99,7 +99,7 @@ class Intake:
                 raise Unverified(f"unverified event: {problem}")
         event = _parse(body)
         # A resolved conflict's winner (signed) may carry a token version: the
-        # connector could not read the record's version back (see bus.conflicts).
+        # connector could not read the record's version back (see bus.ops.conflicts).
         return self._check(event, token_ok=delivery.headers.get(WINNER_HEADER) is not None)
 
     def _check(self, event: Any, *, token_ok: bool = False) -> ReadEvent:

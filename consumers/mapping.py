@@ -60,7 +60,7 @@ class FieldMapper:
             copies only those.
 
     Raises:
-        ConfigError: a key field of the link reaches no target field (``bus.validate``
+        ConfigError: a key field of the link reaches no target field (``bus.config.validate``
             reports this earlier, with its line in the file).
     """
 

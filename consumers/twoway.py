@@ -34,10 +34,10 @@ from typing import Any
 
 import structlog
 
+from bus.state.store import StateStore
 from connectors.base import ChangeRecord, Connector, EntityInfo, Op
 from consumers.flow import Flow, filter_fields, side_fields
 from consumers.mapping import FieldMapper
-from producers.state import StateStore
 from schemas.event import canonical_key, json_value
 
 __all__ = ["DELETED", "EchoFilter", "LinkSides", "content_hash", "normalize", "single_id", "winner"]

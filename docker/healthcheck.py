@@ -33,7 +33,7 @@ def worker_url(config_path: str) -> str | None:
     Raises:
         ConfigError: the config cannot be read or is invalid.
     """
-    from bus.config import load_config
+    from bus.config.load import load_config
 
     metrics = load_config(config_path).config.metrics
     if not metrics.port:

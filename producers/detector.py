@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 import structlog
 
-from bus.integrity import Signer
-from bus.publisher import OutMessage, Publisher
-from bus.topology import CHANGES_EXCHANGE
+from bus.amqp.integrity import Signer
+from bus.amqp.publisher import OutMessage, Publisher
+from bus.amqp.topology import CHANGES_EXCHANGE
+from bus.state.store import StateStore
 from connectors.base import ChangeRecord, Connector, Op
-from producers.state import StateStore
 from schemas.event import dumps, new_event, routing_key
 
 __all__ = ["Detector", "DetectorObserver", "PollResult", "change_event"]
@@ -78,7 +78,7 @@ class Detector:
         observer: Told of every page read and published.
         echo_filter: Drops the changes that only echo syncbus's own writes (two-way
             links: the echo rule); the cursor still moves past them.
-        signer: Signs every event (:mod:`bus.integrity`); link consumers reject
+        signer: Signs every event (:mod:`bus.amqp.integrity`); link consumers reject
             unsigned ones.
     """
 

@@ -22,15 +22,15 @@ Example::
           status: {from: status, map: {A: active, I: inactive}}
           credit: {from: credit_limit, transform: [{round: 2}]}
 
-These models only check shape; ``bus.config`` loads the file (interpolating
+These models only check shape; ``bus.config.load`` loads the file (interpolating
 ``${VAR}`` and ``${file:/run/secrets/x}``) and turns validation errors into located
 messages, and checks that need the live systems (unknown table or column, missing
-unique key on the target) are made by ``bus.validate``. The file format is
+unique key on the target) are made by ``bus.config.validate``. The file format is
 documented in ``docs/configuration.md``.
 
 Relative paths in a config file (``ca_bundle``, ``certificate_path``, ``state_dir``,
 SQLite URLs such as ``sqlite:///hub.db``, the default state store and key index) mean
-"next to the config file": ``bus.config`` applies :meth:`SyncConfig.resolve_paths`
+"next to the config file": ``bus.config.load`` applies :meth:`SyncConfig.resolve_paths`
 with the file's directory, so a command behaves the same from any working directory.
 """
 

@@ -1,6 +1,6 @@
 """pytest plugin: every change event published in the test suite obeys the contract.
 
-While the suite runs, :meth:`bus.publisher.Publisher.publish_batch` is wrapped. Each
+While the suite runs, :meth:`bus.amqp.publisher.Publisher.publish_batch` is wrapped. Each
 message to ``syncbus.changes`` that claims to be an event (a JSON object with
 ``specversion``) is checked against the checked-in JSON Schema
 (``schemas/change-event.v1.json``) with ``jsonschema``, and against the routing
@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
-from bus.publisher import OutMessage, Publisher
-from bus.topology import CHANGES_EXCHANGE
+from bus.amqp.publisher import OutMessage, Publisher
+from bus.amqp.topology import CHANGES_EXCHANGE
 from schemas.event import SCHEMA_FILE
 
 __all__ = ["EventContract", "contract", "event_contract"]

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.integrity import SIGNATURE_HEADER, Signer
+from bus.amqp.integrity import SIGNATURE_HEADER, Signer
 from schemas.event import dumps, new_event
 
 __all__ = ["Hostile", "event_body", "hostile_messages"]

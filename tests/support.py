@@ -133,9 +133,9 @@ def dead_letters(amqp_url: str, *, after: int | None = None) -> list[tuple[objec
     (pika properties with capped headers, body); [] when the log does not exist yet.
 
     Reads to a marker of its own, so the result is the whole log at the time of the
-    call (see :mod:`bus.deadlog`); reading never removes anything.
+    call (see :mod:`bus.amqp.deadlog`); reading never removes anything.
     """
-    from bus.deadlog import DeadLog, NoDeadLog  # noqa: PLC0415 - test helpers stay light
+    from bus.amqp.deadlog import DeadLog, NoDeadLog  # noqa: PLC0415 - test helpers stay light
 
     try:
         with DeadLog(amqp_url) as log:

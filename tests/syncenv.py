@@ -17,10 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
-from bus.config import load_config
-from bus.integrity import Signer, signer_for
-from bus.worker import Worker
-from producers.state import StateStore
+from bus.amqp.integrity import Signer, signer_for
+from bus.config.load import load_config
+from bus.state.store import StateStore
+from bus.worker.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -97,7 +97,7 @@ class WebhookRejected(PermanentError):
 
 
 class SecretStore(Protocol):
-    """Where generated ``clientState`` secrets are kept (:class:`producers.state.StateStore`)."""
+    """Where generated ``clientState`` secrets are kept (:class:`bus.state.store.StateStore`)."""
 
     def get_secret(self, scope: str, name: str) -> str | None:
         """The secret ``scope``/``name``, or None."""

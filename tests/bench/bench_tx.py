@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from kombu import Connection  # noqa: E402
 
-from bus.config import load_config  # noqa: E402
-from bus.publisher import OutMessage, Publisher  # noqa: E402
-from bus.topology import DEAD_EXCHANGE, declare_topology  # noqa: E402
+from bus.amqp.publisher import OutMessage, Publisher  # noqa: E402
+from bus.amqp.topology import DEAD_EXCHANGE, declare_topology  # noqa: E402
+from bus.config.load import load_config  # noqa: E402
 from schemas.event import dumps, new_event  # noqa: E402
 from tests.bench.bench_sync import _vhost  # noqa: E402
 from tests.syncenv import make_env  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
     print(f"{'':<34} {out.count(chr(10) + '  {') or len(json.loads(out)):,} matches")
     timed("tx stats", "stats", "--json", target="target < 0.2 s")
     startup = min(_startup() for _ in range(3))
-    print(f"{'(python + import bus.cli alone)':<34} {startup:7.2f} s")
+    print(f"{'(python + import bus.cli.main alone)':<34} {startup:7.2f} s")
     ids = random.Random(7).sample(_ids(env.config_path), 1000)
     seconds, _ = timed("tx replay <1,000 ids>", "replay", *ids, target="target < 2 s")
     seconds, _ = timed("tx replay --all", "replay", "--all", target="")
@@ -99,12 +99,12 @@ def main() -> None:
 
 def _startup() -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import bus.cli"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", "import bus.cli.main"], cwd=ROOT, check=True)
     return time.perf_counter() - started
 
 
 def _ids(config: Path) -> list[str]:
-    from bus.txlog import TxLog  # noqa: PLC0415
+    from bus.ops.txlog import TxLog  # noqa: PLC0415
 
     log = TxLog(load_config(config).config)
     try:

@@ -100,7 +100,7 @@ def test_readme_commands_are_the_ones_tested():
 def test_login_signs_an_operator_in_to_a_dataverse_connection(tmp_path):
     import threading
 
-    from bus import app
+    from bus.cli import app
     from connectors.dataverse.emulator import DataverseEmulator
     from tests.support import wait_for
 

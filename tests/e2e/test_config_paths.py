@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from bus.config import load_config
+from bus.config.load import load_config
 from connectors.base import PermanentError
 from connectors.business_central.emulator import BusinessCentralEmulator
 from connectors.registry import open_connector

@@ -23,14 +23,14 @@ from typing import Any
 
 import pytest
 
-from bus.config import load_config
-from bus.demo import LONG_NAME, syncbus_command
-from bus.txlog import TxLog
+from bus.config.load import load_config
+from bus.demo.run import LONG_NAME, syncbus_command
+from bus.ops.txlog import TxLog
+from bus.state.store import StateStore
 from connectors.business_central.emulator import BusinessCentralEmulator
 from connectors.dataverse.emulator.model import DEFAULT_ENTITIES
 from connectors.dataverse.emulator.store import Store
 from connectors.registry import open_connector
-from producers.state import StateStore
 from tests.support import wait_for
 from tests.syncenv import ROOT
 
@@ -85,7 +85,7 @@ def _venv_script(bin_dir: Path) -> Path:
     bin_dir.mkdir(parents=True)
     script = bin_dir / "syncbus"
     script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                      "from bus.cli import main\nsys.exit(main())\n")
+                      "from bus.cli.main import main\nsys.exit(main())\n")
     script.chmod(0o755)
     (bin_dir / "activate").write_text("# the venv's activation script\n")
     return script

@@ -14,14 +14,14 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from bus import app
-from bus.config import load_config
-from bus.links import set_link_paused
-from bus.runs import history_records
-from bus.status import collect_status
-from bus.txlog import TxFilter, TxLog
-from bus.worker import Worker
-from producers.state import StateStore
+from bus.cli import app
+from bus.config.load import load_config
+from bus.ops.links import set_link_paused
+from bus.ops.runs import history_records
+from bus.ops.status import collect_status
+from bus.ops.txlog import TxFilter, TxLog
+from bus.state.store import StateStore
+from bus.worker.worker import Worker
 from tests.support import dead_letter_count, wait_for
 from tests.syncenv import ROOT, insert_items, make_env, table_rows
 

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from bus import app
+from bus.cli import app
 from connectors.business_central.emulator import BusinessCentralEmulator
 
 pytestmark = pytest.mark.integration

@@ -21,12 +21,12 @@ import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus.worker import Worker
+from bus.state.store import StateStore
+from bus.worker.worker import Worker
 from connectors.business_central import BusinessCentralConnector
 from connectors.business_central.emulator import BusinessCentralEmulator
 from connectors.business_central.index import KeyIndex
 from connectors.business_central.webhooks import SECRET_SCOPE
-from producers.state import StateStore
 from tests.support import pick_free_port, wait_for
 from tests.syncenv import running
 

@@ -24,11 +24,11 @@ import sqlalchemy as sa
 import yaml
 from amqp.exceptions import AccessRefused
 
-from bus import app
-from bus.broker_errors import BrokerUnavailable
-from bus.subscribe import Subscriber
-from bus.topology import CHANGES_EXCHANGE
-from bus.validate import check_broker
+from bus.amqp.errors import BrokerUnavailable
+from bus.amqp.subscribe import Subscriber
+from bus.amqp.topology import CHANGES_EXCHANGE
+from bus.cli import app
+from bus.config.validate import check_broker
 from schemas.event import ChangeEvent
 from tests.conftest import AmqpBroker
 from tests.support import wait_for

@@ -14,11 +14,11 @@ import sqlalchemy as sa
 import yaml
 from kombu import Connection
 
-from bus.config import load_config
-from bus.topology import link_queues
-from bus.worker import Worker
-from producers.state import StateStore
-from producers.state_ops import aware
+from bus.amqp.topology import link_queues
+from bus.config.load import load_config
+from bus.state.rows import aware
+from bus.state.store import StateStore
+from bus.worker.worker import Worker
 from tests.support import wait_for
 from tests.syncenv import stop, syncbus
 

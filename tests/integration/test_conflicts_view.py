@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from bus.config import load_config
-from bus.worker import Worker
+from bus.config.load import load_config
+from bus.worker.worker import Worker
 from tests.syncenv import ROOT
 
 pytestmark = pytest.mark.integration

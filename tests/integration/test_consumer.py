@@ -9,9 +9,9 @@ import pika
 import pytest
 from kombu import Connection
 
-from bus.consumer import BatchConsumer, Decision, Verdict
-from bus.publisher import OutMessage, Publisher
-from bus.topology import declare_topology, link_queues
+from bus.amqp.consumer import BatchConsumer, Decision, Verdict
+from bus.amqp.publisher import OutMessage, Publisher
+from bus.amqp.topology import declare_topology, link_queues
 from schemas.config import SyncConfig
 from tests.support import dead_letters, wait_for
 

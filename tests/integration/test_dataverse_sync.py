@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from bus import app
+from bus.cli import app
 from connectors.base import WriteRow
 from connectors.dataverse import DataverseConnector
 from connectors.dataverse.emulator import DataverseEmulator, Limits
@@ -173,8 +173,8 @@ def test_dataverse_to_postgresql(tmp_path, pg_url, amqp_url, emu, monkeypatch):
 
 def test_429s_of_a_connection_are_counted_in_the_workers_metrics(tmp_path, pg_url, amqp_url,
                                                                  monkeypatch):
-    from bus.config import load_config
-    from bus.worker import Worker
+    from bus.config.load import load_config
+    from bus.worker.worker import Worker
 
     engine = sa.create_engine(pg_url)
     with engine.begin() as conn:

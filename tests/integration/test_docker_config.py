@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from bus import app
+from bus.cli import app
 from tests.support import pick_free_port, wait_for
 from tests.syncenv import ROOT
 from tests.unit.test_docker_files import (

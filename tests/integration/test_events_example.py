@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bus import app
+from bus.cli import app
 from tests.syncenv import ROOT, insert_items, make_env
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 from kombu import Connection
 
-from bus import app
-from bus.history import HistoryUnavailable, read_history
-from bus.topology import HISTORY_STREAM, declare_history_stream
+from bus.amqp.history import HistoryUnavailable, read_history
+from bus.amqp.topology import HISTORY_STREAM, declare_history_stream
+from bus.cli import app
 from schemas.config import BrokerConfig
 from tests.syncenv import insert_items, make_env
 

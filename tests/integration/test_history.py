@@ -11,12 +11,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from bus import app
-from bus.config import load_config
-from bus.runs import history_records
-from bus.worker import Worker
-from producers.state import StateStore
-from producers.state_ops import RunRecord
+from bus.cli import app
+from bus.config.load import load_config
+from bus.ops.runs import history_records
+from bus.state.rows import RunRecord
+from bus.state.store import StateStore
+from bus.worker.worker import Worker
 from tests.support import wait_for
 from tests.syncenv import ROOT, insert_items, make_env, table_rows
 

@@ -8,8 +8,8 @@ import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus import app
-from bus.worker import Worker
+from bus.cli import app
+from bus.worker.worker import Worker
 from tests.proxy import TcpProxy
 from tests.support import wait_for
 from tests.syncenv import insert_items, make_env, running, table_rows

@@ -24,9 +24,9 @@ import pika
 import pytest
 import sqlalchemy as sa
 
-from bus import app
-from bus.consumer import headers as H
-from bus.topology import CHANGES_EXCHANGE
+from bus.amqp.consumer import headers as H
+from bus.amqp.topology import CHANGES_EXCHANGE
+from bus.cli import app
 from tests.fuzz_messages import FUZZ_ID, Hostile, event_body, hostile_messages
 from tests.support import dead_letter_count, dead_letters, wait_for
 from tests.syncenv import ROOT, insert_items, make_env, table_rows

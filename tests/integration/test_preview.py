@@ -23,10 +23,10 @@ import yaml
 from kombu import Connection
 from typer.testing import CliRunner
 
-from bus.cli import cli
-from bus.config import load_config
-from bus.preview import PreviewReport, preview
-from bus.worker import RunSummary, Worker
+from bus.cli.main import cli
+from bus.config.load import load_config
+from bus.ops.preview import PreviewReport, preview
+from bus.worker.worker import RunSummary, Worker
 from connectors.base import WriteRow
 from connectors.dataverse import DataverseConnector
 from connectors.dataverse.emulator import DataverseEmulator, Limits

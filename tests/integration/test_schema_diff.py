@@ -16,11 +16,10 @@ import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
-from bus import app
-from bus.cli import cli
-from bus.config import load_config
-from bus.drift import link_drift
-from bus.worker import Worker
+from bus.cli.main import app, cli
+from bus.config.drift import link_drift
+from bus.config.load import load_config
+from bus.worker.worker import Worker
 from connectors.dataverse.emulator import DataverseEmulator, Limits
 from connectors.dataverse.emulator.model import CONTACT
 
@@ -44,7 +43,7 @@ LINKS = {
 @pytest.fixture(autouse=True)
 def _logging_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """The commands point structlog at the stderr of the moment, which CliRunner closes."""
-    monkeypatch.setattr("bus.cli_meta.configure_logging", lambda *_args: None)
+    monkeypatch.setattr("bus.cli.meta.configure_logging", lambda *_args: None)
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
-from bus import app
-from bus.cli import cli
-from bus.schema_pull import PULLS_TABLE
+from bus.cli import app
+from bus.cli.main import cli
+from bus.ops.schema_pull import PULLS_TABLE
 from connectors.business_central.emulator import BusinessCentralEmulator
 from connectors.dataverse.emulator import DataverseEmulator, Limits
 from connectors.dataverse.emulator.model import ACCOUNT, attribute, entity
@@ -34,7 +34,7 @@ NO_LIMITS = Limits(requests=None, concurrent=None, execution=None)
 @pytest.fixture(autouse=True)
 def _logging_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """The commands point structlog at the stderr of the moment, which CliRunner closes."""
-    monkeypatch.setattr("bus.cli_meta.configure_logging", lambda *_args: None)
+    monkeypatch.setattr("bus.cli.meta.configure_logging", lambda *_args: None)
 
 
 def _write(tmp_path: Path, connections: dict[str, Any], **extra: Any) -> Path:

@@ -14,13 +14,13 @@ import sqlalchemy as sa
 import yaml
 from kombu import Connection
 
-from bus import app
-from bus.config import load_config
-from bus.status import collect_status, show_status
-from bus.topology import DEAD_EXCHANGE, declare_topology
-from bus.txlog import TxFilter, TxLog
-from bus.worker import Worker
-from producers.state import StateStore
+from bus.amqp.topology import DEAD_EXCHANGE, declare_topology
+from bus.cli import app
+from bus.config.load import load_config
+from bus.ops.status import collect_status, show_status
+from bus.ops.txlog import TxFilter, TxLog
+from bus.state.store import StateStore
+from bus.worker.worker import Worker
 from tests.hostile import hostile_cases, publish, valid_cases
 from tests.proxy import TcpProxy
 from tests.support import pick_free_port, wait_for

@@ -8,10 +8,10 @@ import pika
 import pytest
 import sqlalchemy as sa
 
-from bus import app
-from bus.publisher import OutMessage, Publisher
-from bus.subscribe import PermanentError, Subscriber, TransientError, subscribe
-from bus.topology import CHANGES_EXCHANGE
+from bus.amqp.publisher import OutMessage, Publisher
+from bus.amqp.subscribe import PermanentError, Subscriber, TransientError, subscribe
+from bus.amqp.topology import CHANGES_EXCHANGE
+from bus.cli import app
 from schemas.config import RetryPolicy
 from schemas.event import ChangeEvent, dumps, new_event, routing_key
 from tests.support import dead_letters, wait_for

@@ -10,11 +10,11 @@ import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
-from bus.cli import cli
-from bus.config import load_config
-from bus.syncall import Progress, sync_all
-from bus.worker import Worker
-from producers.state import StateStore
+from bus.cli.main import cli
+from bus.config.load import load_config
+from bus.ops.syncall import Progress, sync_all
+from bus.state.store import StateStore
+from bus.worker.worker import Worker
 
 A_DDL = "CREATE TABLE accounts (id INTEGER PRIMARY KEY, code TEXT NOT NULL UNIQUE, name TEXT)"
 B_DDL = "CREATE TABLE clients (id SERIAL PRIMARY KEY, number TEXT NOT NULL UNIQUE, title TEXT)"

@@ -17,13 +17,13 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from bus import app
-from bus.config import load_config
-from bus.publisher import OutMessage, Publisher
-from bus.topology import CHANGES_EXCHANGE, link_queues
-from bus.worker import Worker
+from bus.amqp.publisher import OutMessage, Publisher
+from bus.amqp.topology import CHANGES_EXCHANGE, link_queues
+from bus.cli import app
+from bus.config.load import load_config
+from bus.state.store import StateStore
+from bus.worker.worker import Worker
 from connectors.sql import SqlConnector
-from producers.state import StateStore
 from schemas.event import ChangeEvent, dumps, new_event, routing_key
 from tests.proxy import TcpProxy
 from tests.support import dead_letters, wait_for

@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from jsonschema import Draft202012Validator
 from kombu import Connection
 
-from bus import app
-from bus.config import load_config
-from bus.topology import CHANGES_EXCHANGE, declare_topology
+from bus.amqp.topology import CHANGES_EXCHANGE, declare_topology
+from bus.cli import app
+from bus.config.load import load_config
 from schemas.event import SCHEMA_FILE
 from tests.hostile import Case, event_body, hostile_cases, publish
 from tests.syncenv import ROOT, insert_items, make_env

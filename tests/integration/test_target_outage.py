@@ -19,10 +19,10 @@ import yaml
 from amqp.exceptions import NotFound
 from kombu import Connection
 
-from bus import app
-from bus.config import load_config
-from bus.topology import link_queues
-from bus.worker import Worker
+from bus.amqp.topology import link_queues
+from bus.cli import app
+from bus.config.load import load_config
+from bus.worker.worker import Worker
 from connectors.base import MAX_RETRY_SECONDS
 from connectors.dataverse.emulator import DataverseEmulator, Limits
 from tests.proxy import TcpProxy

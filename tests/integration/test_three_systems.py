@@ -21,15 +21,15 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from bus.config import load_config
-from bus.worker import RunSummary, Worker
+from bus.config.load import load_config
+from bus.state.store import StateStore
+from bus.worker.worker import RunSummary, Worker
 from connectors.base import WriteRow
 from connectors.business_central.emulator import BusinessCentralEmulator
 from connectors.dataverse import DataverseConnector
 from connectors.dataverse.emulator import DataverseEmulator, Limits
 from connectors.dataverse.emulator.model import CONTACT, KeyDef
 from connectors.dataverse.emulator.seed import seed
-from producers.state import StateStore
 
 pytestmark = pytest.mark.integration
 

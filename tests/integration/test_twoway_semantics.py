@@ -13,10 +13,9 @@ import time
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from bus import app
-from bus.cli import cli
-from bus.config import load_config
-from bus.txlog import TxLog
+from bus.cli.main import app, cli
+from bus.config.load import load_config
+from bus.ops.txlog import TxLog
 from tests.integration.test_twoway_sql import (  # noqa: F401 - the fixture is used by name
     _a_accounts,
     _b_accounts,

@@ -17,10 +17,10 @@ import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
-from bus.cli import cli
-from bus.config import load_config
-from bus.worker import RunSummary, Worker
-from producers.state import StateStore
+from bus.cli.main import cli
+from bus.config.load import load_config
+from bus.state.store import StateStore
+from bus.worker.worker import RunSummary, Worker
 
 A_DDL = [
     """CREATE TABLE accounts (id INTEGER PRIMARY KEY, code TEXT NOT NULL UNIQUE, name TEXT,
@@ -298,7 +298,7 @@ def test_a_child_whose_parent_never_arrives_is_dead_lettered_naming_it(sides):
         assert summary.dead == 1
     finally:
         worker.close()
-    from bus.txlog import TxLog  # noqa: PLC0415
+    from bus.ops.txlog import TxLog  # noqa: PLC0415
 
     log = TxLog(worker.config)
     [tx] = log.select("error")

@@ -33,15 +33,15 @@ import sqlalchemy as sa
 import yaml
 from kombu import Connection
 
-from bus import app
-from bus.config import load_config
-from bus.consumer import BatchConsumer, Decision, Verdict
-from bus.deadlog import DeadLog
-from bus.publisher import OutMessage, Publisher
-from bus.topology import DEAD_EXCHANGE, declare_topology, link_queues
-from bus.txlog import TxFilter, TxLog
-from bus.txrecord import TxRecorder
-from producers.state import StateStore
+from bus.amqp.consumer import BatchConsumer, Decision, Verdict
+from bus.amqp.deadlog import DeadLog
+from bus.amqp.publisher import OutMessage, Publisher
+from bus.amqp.topology import DEAD_EXCHANGE, declare_topology, link_queues
+from bus.amqp.txrecord import TxRecorder
+from bus.cli import app
+from bus.config.load import load_config
+from bus.ops.txlog import TxFilter, TxLog
+from bus.state.store import StateStore
 from tests.proxy import TcpProxy
 from tests.support import wait_for
 from tests.syncenv import ROOT, insert_items, make_env, table_rows

@@ -13,11 +13,11 @@ import pika
 import pytest
 import sqlalchemy as sa
 
-from bus import app
-from bus.config import load_config
-from bus.publisher import OutMessage, Publisher
-from bus.topology import CHANGES_EXCHANGE, DEAD_EXCHANGE
-from bus.txlog import TxFilter, TxLog, parse_since
+from bus.amqp.publisher import OutMessage, Publisher
+from bus.amqp.topology import CHANGES_EXCHANGE, DEAD_EXCHANGE
+from bus.cli import app
+from bus.config.load import load_config
+from bus.ops.txlog import TxFilter, TxLog, parse_since
 from schemas.event import dumps, new_event
 from tests.hostile import BIG, Case, hostile_cases, publish, valid_cases
 from tests.proxy import TcpProxy
@@ -228,7 +228,7 @@ def test_a_message_that_kills_the_consumer_shows_how_often_it_was_delivered(
 def _declare(config) -> None:
     from kombu import Connection
 
-    from bus.topology import declare_topology
+    from bus.amqp.topology import declare_topology
     with Connection(config.broker.url) as conn:
         declare_topology(conn, config)
 

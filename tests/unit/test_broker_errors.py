@@ -14,7 +14,7 @@ import pytest
 from amqp.exceptions import AccessRefused, NotAllowed, PreconditionFailed
 from kombu.exceptions import OperationalError
 
-from bus.broker_errors import BrokerUnavailable, broker_errors, explain
+from bus.amqp.errors import BrokerUnavailable, broker_errors, explain
 from connectors.base import BrokerConnectionError, ConnectorUnavailable
 
 URL = "amqp://bob:S3cr3t-pw@rabbit:5672/prod"

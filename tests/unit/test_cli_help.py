@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bus.cli import cli
+from bus.cli.main import cli
 
 #: Box-drawing and padding characters rich puts around help text.
 _FRAME = " │┃║\t"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bus.config import LoadedConfig, load_config
-from bus.validate import check_urls, validate_config
+from bus.config.load import LoadedConfig, load_config
+from bus.config.validate import check_urls, validate_config
 from connectors.base import ConfigError, ConnectorUnavailable, EntityInfo, FieldInfo
 
 BASE = """\

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bus.cli import cli
-from bus.config import load_config
-from bus.config_io import EXPORT_HEADER, export_config, import_config
+from bus.cli.main import cli
+from bus.config.io import EXPORT_HEADER, export_config, import_config
+from bus.config.load import load_config
 from connectors.base import ConfigError
 from schemas.config import SyncConfig
 
@@ -63,7 +63,7 @@ links:
 @pytest.fixture(autouse=True)
 def _logging_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """The commands point structlog at the stderr of the moment, which CliRunner closes."""
-    monkeypatch.setattr("bus.cli_meta.configure_logging", lambda *_args: None)
+    monkeypatch.setattr("bus.cli.meta.configure_logging", lambda *_args: None)
 
 
 def _meaning(config: SyncConfig) -> dict[str, Any]:

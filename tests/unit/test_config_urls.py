@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.config import load_config
+from bus.config.load import load_config
 from connectors.base import ConfigError
 
 SECRET = "Qz7@Wk#9/Xv?Jm"

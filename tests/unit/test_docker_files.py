@@ -40,10 +40,10 @@ import sqlalchemy as sa
 import typer
 import yaml
 
-from bus.cli import cli
-from bus.config import load_config
-from bus.health import HealthServer
-from bus.metrics import Metrics
+from bus.cli.main import cli
+from bus.config.load import load_config
+from bus.worker.health import HealthServer
+from bus.worker.metrics import Metrics
 from schemas.config import BusinessCentralConnection, DataverseConnection, SqlConnection
 from tests.syncenv import ROOT
 

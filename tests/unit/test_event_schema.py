@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from bus.publisher import OutMessage
+from bus.amqp.publisher import OutMessage
 from schemas.event import (
     DATASCHEMA,
     EVENT_SCHEMA_VERSION,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bus.events import EventMessage, parse_event, topic_matches
-from bus.history import parse_start, stream_offset
-from bus.tail import format_event
+from bus.amqp.events import EventMessage, parse_event, topic_matches
+from bus.amqp.history import parse_start, stream_offset
+from bus.ops.tail import format_event
 from connectors.base import SchemaError
 from schemas.event import dumps, new_event
 

@@ -6,8 +6,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus.health import HealthServer
-from bus.metrics import Metrics, record_throttle
+from bus.worker.health import HealthServer
+from bus.worker.metrics import Metrics, record_throttle
 from schemas.config import MetricsConfig
 
 

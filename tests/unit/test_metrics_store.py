@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from producers.state import StateStore
-from producers.state_ops import LinkDelta, RunRecord
+from bus.state.rows import LinkDelta, RunRecord
+from bus.state.store import StateStore
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""bus.peek: reading any message for display never raises and stays bounded."""
+"""bus.amqp.peek: reading any message for display never raises and stays bounded."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import amqp.serialization
 import pika.data
 import pytest
 
-from bus.peek import (
+from bus.amqp.peek import (
     MAX_HEADER_DEPTH,
     body_bytes,
     cap_headers,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bus.redact import redact_text, redact_url, userinfo_problem
+from bus.core.redact import redact_text, redact_url, userinfo_problem
 
 
 @pytest.mark.parametrize(

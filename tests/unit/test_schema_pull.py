@@ -7,7 +7,7 @@ import re
 import pytest
 from sqlalchemy.dialects import postgresql, sqlite
 
-from bus.schema_pull import _index_name, column_type, link_config
+from bus.ops.schema_pull import _index_name, column_type, link_config
 from connectors.base import EntityInfo, FieldInfo
 from connectors.business_central.metadata import _PORTABLE as BC_TYPES
 from connectors.dataverse.metadata import _PORTABLE as DATAVERSE_TYPES

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from producers.state import StateStore
+from bus.state.store import StateStore
 
 
 @pytest.fixture

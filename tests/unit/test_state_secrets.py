@@ -6,7 +6,7 @@ import threading
 
 import sqlalchemy as sa
 
-from producers.state import StateStore
+from bus.state.store import StateStore
 
 
 def test_a_kept_secret_is_made_once_and_survives_a_restart(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bus.txrecord import event_id_of, index_row
+from bus.amqp.txrecord import event_id_of, index_row
 
 EVENT_ID = "0b6c2f8e-3f5a-4c8e-9a51-6d0f1e2a3b4c"
 LETTER = "5f0c0d7e9b1a4c2d8e3f4a5b6c7d8e9f"
