@@ -20,22 +20,14 @@ no subscriber ever sees it).
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
-import amqp
-from amqp.exceptions import NotFound
-from kombu import Connection
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from bus.amqp.errors import BrokerUnavailable, broker_errors
-from bus.amqp.topology import CHANGES_EXCHANGE
+from bus.amqp.queues import PermissionCheck, check_permissions
 from bus.config.load import LoadedConfig, Loc
 from bus.core.redact import redact_text, redact_url
 from connectors.base import BusError, ConfigError, EntityInfo, FieldInfo, TransientError
@@ -144,30 +136,8 @@ def link_notes(loaded: LoadedConfig) -> list[str]:
 # -- the broker --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BrokerCheck:
-    """One thing ``syncbus validate`` asked RabbitMQ.
-
-    Args:
-        what: What was checked, e.g. ``publish to syncbus.changes (write permission)``.
-        problem: Why it failed (one line, URL redacted); empty when it passed.
-        skipped: Not tried, because an earlier check failed.
-    """
-
-    what: str
-    problem: str = ""
-    skipped: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when the check passed."""
-        return not self.problem and not self.skipped
-
-    def line(self) -> str:
-        """``OK       what`` / ``PROBLEM  what: why`` / ``skipped  what``."""
-        if self.skipped:
-            return f"skipped  {self.what}"
-        return f"PROBLEM  {self.what}: {self.problem}" if self.problem else f"OK       {self.what}"
+#: One thing ``syncbus validate`` asked RabbitMQ (what, problem, skipped).
+BrokerCheck = PermissionCheck
 
 
 def check_broker(url: str, *, timeout: float = 10.0) -> list[BrokerCheck]:
@@ -181,61 +151,7 @@ def check_broker(url: str, *, timeout: float = 10.0) -> list[BrokerCheck]:
         The checks in order: connect, declare, consume, publish. After a failed
         connection the others are skipped.
     """
-    conn = Connection(url, connect_timeout=timeout)
-    checks = [BrokerCheck(f"connect to {redact_url(url)} as {_user_vhost(conn)}")]
-    todo = [("declare queues and exchanges named syncbus.* (configure permission)", _declare),
-            ("consume from syncbus.* queues (read permission)", _consume),
-            (f"publish to {CHANGES_EXCHANGE} (write permission; rolled back, nothing is "
-             "sent)", _publish)]
-    try:
-        with broker_errors(url, name_url=False):
-            conn.connect()
-    except BrokerUnavailable as exc:
-        conn.release()
-        return [BrokerCheck(checks[0].what, exc.message),
-                *(BrokerCheck(what, skipped=True) for what, _ in todo)]
-    queue = f"syncbus.validate.{secrets.token_hex(6)}"
-    try:
-        for what, probe in todo:
-            try:
-                with broker_errors(url):
-                    channel = conn.channel()  # a refusal closes the channel: one per check
-                    note = probe(channel, queue)
-                    channel.close()
-            except BrokerUnavailable as exc:
-                checks.append(BrokerCheck(what, exc.message))
-                continue
-            checks.append(BrokerCheck(what + (f" — {note}" if note else "")))
-    finally:
-        conn.release()  # the exclusive queue goes with the connection
-    return checks
-
-
-def _user_vhost(conn: Connection) -> str:
-    return f"user {conn.userid!r}, vhost {conn.virtual_host!r}"
-
-
-def _declare(channel: Any, queue: str) -> str | None:
-    channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
-    return None
-
-
-def _consume(channel: Any, queue: str) -> str | None:
-    # Not declared (no configure permission) gives NOT_FOUND: read was checked first.
-    with contextlib.suppress(NotFound):
-        channel.basic_get(queue=queue)
-    return None
-
-
-def _publish(channel: Any, _queue: str) -> str | None:
-    channel.tx_select()
-    try:
-        channel.basic_publish(amqp.Message(b""), exchange=CHANGES_EXCHANGE,
-                              routing_key="syncbus.validate")
-        channel.tx_rollback()
-    except NotFound:  # the write permission is checked before the exchange is looked up
-        return f"{CHANGES_EXCHANGE} does not exist yet; the first `syncbus run` declares it"
-    return None
+    return check_permissions(url, timeout)
 
 
 # -- URLs ------------------------------------------------------------------------------

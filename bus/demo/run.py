@@ -42,8 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kombu import Connection
-
+from bus.amqp.errors import BrokerUnavailable
+from bus.amqp.queues import BrokerSession
 from bus.amqp.topology import all_link_queues
 from bus.config.load import load_config
 from bus.core.redact import redact_url
@@ -52,7 +52,7 @@ from bus.demo.world import HUB_NAME_LIMIT, DemoWorld
 from bus.ops.txlog import Transaction, TxFilter, TxLog
 from bus.state.store import StateStore
 from bus.worker.worker import Worker
-from connectors.base import BusError, WriteRow
+from connectors.base import BrokerConnectionError, BusError, WriteRow
 from schemas.config import SyncConfig
 
 __all__ = ["DemoFailed", "broker_problem", "run_demo", "syncbus_command"]
@@ -135,19 +135,21 @@ def broker_problem(url: str, *, syncbus: str = "syncbus") -> list[str]:
         Lines for the user (the password masked), or ``[]``.
     """
     try:
-        with Connection(url, connect_timeout=5) as conn:
-            conn.connect()
-        return []
-    except Exception as exc:  # noqa: BLE001 - kombu/amqp/socket errors alike: all say "no"
-        reason = str(exc) or type(exc).__name__
-    shown = redact_url(url)
-    if "ACCESS_REFUSED" in reason or "403" in reason:
-        return [f"RabbitMQ at {shown} refused the login: {reason}",
-                f"Give the right user and password: {syncbus} demo --amqp-url "
-                "amqp://USER:PASSWORD@HOST:5672/ (or set SYNCBUS_AMQP_URL)."]
+        with BrokerSession(url, timeout=5, retries=0):
+            return []
+    except BrokerUnavailable as exc:
+        kind, reason = exc.reason, exc.message
+    except BrokerConnectionError as exc:
+        kind, reason = "unreachable", exc.message
+    if kind == "login":
+        return [reason, f"Give the right user and password: {syncbus} demo --amqp-url "
+                        "amqp://USER:PASSWORD@HOST:5672/ (or set SYNCBUS_AMQP_URL)."]
+    if kind != "unreachable":
+        return [reason]  # a vhost or permission missing: the line says how to fix it
     compose = _compose_path()
     return [
-        f"cannot reach RabbitMQ at {shown}: {reason}",
+        reason if reason.startswith("cannot reach")
+        else f"cannot reach RabbitMQ at {redact_url(url)}: {reason}",
         f"The demo needs a RabbitMQ. Start one, then run `{syncbus} demo` again:",
         "  installed here:  sudo systemctl start rabbitmq-server   (or: sudo rabbitmq-server "
         "-detached)",
@@ -284,12 +286,10 @@ def _introduce(world: DemoWorld, view: DemoView) -> None:
 def _drop_earlier_queues(config: SyncConfig) -> None:
     """Delete the demo links' queues left by an earlier run: their events name records
     of emulators that are gone."""
-    with Connection(config.broker.url, connect_timeout=10) as conn:
-        channel = conn.default_channel
-        for name, link in config.links.items():
-            for lq in all_link_queues(name, link):
-                for queue in (lq.work, *(q for _, q in lq.retries)):
-                    channel.queue_delete(queue=queue)
+    with BrokerSession(config.broker.url) as broker:
+        broker.delete(queue for name, link in config.links.items()
+                      for lq in all_link_queues(name, link)
+                      for queue in (lq.work, *(q for _, q in lq.retries)))
 
 
 def _archive_earlier_errors(config: SyncConfig, view: DemoView) -> None:

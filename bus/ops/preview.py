@@ -52,16 +52,21 @@ from pathlib import Path
 from typing import Any, cast
 
 import sqlalchemy as sa
-from amqp.exceptions import NotFound
-from kombu import Connection
 from kombu.message import Message
 
 from bus.amqp.consumer import Delivery, Verdict
+from bus.amqp.queues import BrokerSession
 from bus.amqp.topology import link_queues
 from bus.core.redact import redact_text, redact_url
 from bus.state.store import StateStore
 from bus.worker.worker import Worker
-from connectors.base import ChangeRecord, ConfigError, ConnectorUnavailable, FetchedRecord
+from connectors.base import (
+    BrokerConnectionError,
+    ChangeRecord,
+    ConfigError,
+    ConnectorUnavailable,
+    FetchedRecord,
+)
 from connectors.registry import open_connector
 from consumers.apply import LinkApplier, Planned
 from consumers.flow import Flow, flows
@@ -412,20 +417,11 @@ def _open_state(url: str) -> StateStore:
 
 
 def _queued(url: str, queues: Sequence[str]) -> int | None:
-    """Ready messages in ``queues`` (a passive declare each); None if the broker is down."""
-    conn = Connection(url, connect_timeout=BROKER_TIMEOUT)
+    """Ready messages in ``queues``; None if the broker cannot be reached."""
     try:
-        with conn:
-            conn.ensure_connection(max_retries=1)
-            channel = conn.channel()
-            total = 0
-            for queue in queues:
-                try:
-                    total += int(channel.queue_declare(queue=queue, passive=True)[1])
-                except NotFound:
-                    channel = conn.channel()  # never declared: nothing waits there
-            return total
-    except (OSError, *conn.connection_errors):
+        with BrokerSession(url, timeout=BROKER_TIMEOUT) as broker:
+            return broker.total(queues)
+    except BrokerConnectionError:
         return None
 
 

@@ -19,57 +19,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from bus.config.load import load_config
 from bus.ops.txlog import parse_since
-from bus.state.rows import RunRecord
 from bus.state.store import StateStore
 from connectors.base import BusError, ConfigError
 from schemas.config import SyncConfig
 
-if TYPE_CHECKING:
-    from bus.worker.worker import RunSummary
-
-__all__ = ["KINDS", "history_records", "run_records", "show_history"]
+__all__ = ["KINDS", "history_records", "show_history"]
 
 #: Kinds of history record.
 KINDS = ("run", "link", "poll")
-
-
-def run_records(summary: RunSummary, *, run_id: str, started_at: datetime,
-                worker: str) -> list[RunRecord]:
-    """The history records of a finished ``run --until-idle``: the run and each link.
-
-    Args:
-        summary: What the run did.
-        run_id: Shared by every record of the run (its polls included).
-        started_at: When the run started.
-        worker: The worker's identity.
-    """
-    ended = datetime.now(UTC)
-    status = ("failed" if summary.dead or summary.errors
-              else "timed_out" if summary.timed_out else "ok")
-    links = summary.links
-    records = [RunRecord(
-        run_id=run_id, kind="run", name="until-idle", started_at=started_at, ended_at=ended,
-        status=status, upserts=sum(s.upserted for s in links),
-        deletes=sum(s.deleted for s in links), skipped=sum(s.skipped for s in links),
-        retried=sum(s.retried for s in links), dead=summary.dead,
-        errors=len(summary.errors) + summary.dead, error="\n".join(summary.errors) or None,
-        worker=worker)]
-    for s in links:
-        records.append(RunRecord(
-            run_id=run_id, kind="link", name=s.link, started_at=started_at, ended_at=ended,
-            status=("paused" if s.link in summary.paused else "failed" if s.dead else "ok"),
-            upserts=s.upserted, deletes=s.deleted, skipped=s.skipped, retried=s.retried,
-            dead=s.dead, errors=s.dead, error=summary.paused.get(s.link), worker=worker))
-    return records
 
 
 def history_records(config: SyncConfig, *, link: str | None = None,

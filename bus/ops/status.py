@@ -39,15 +39,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from amqp.exceptions import NotFound
-from kombu import Connection
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from bus.amqp.errors import EXIT_BROKER, broker_errors
+from bus.amqp.errors import EXIT_BROKER
 from bus.amqp.peek import printable
+from bus.amqp.queues import queue_depths
 from bus.amqp.topology import all_link_queues, link_queues
 from bus.config.load import load_config
 from bus.core.redact import redact_text, redact_url
@@ -392,18 +391,7 @@ def _queue_depths(config: SyncConfig, timeout: float) -> tuple[dict[str, int | N
                 names += [lq.work, *(q for _, q in lq.retries)]
 
     def read() -> dict[str, int | None]:
-        depths: dict[str, int | None] = {}
-        with broker_errors(config.broker.url, name_url=False), \
-                Connection(config.broker.url, connect_timeout=timeout) as conn:
-            conn.ensure_connection(max_retries=1)
-            channel = conn.channel()
-            for queue in names:
-                try:
-                    depths[queue] = int(channel.queue_declare(queue=queue, passive=True)[1])
-                except NotFound:
-                    depths[queue] = None  # never declared: no worker ran with this link yet
-                    channel = conn.channel()
-        return depths
+        return queue_depths(config.broker.url, names, timeout=timeout, name_url=False)
 
     url = redact_url(config.broker.url)
     ok, value = _within(read, timeout + 5)

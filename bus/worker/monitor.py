@@ -29,14 +29,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from kombu import Connection
 
 from bus.amqp.consumer import BatchConsumer, Settled
+from bus.amqp.queues import BrokerSession
 from bus.amqp.topology import LinkQueues
 from bus.state.rows import LinkDelta, RunRecord
 from bus.state.store import StateStore
 from bus.worker.metrics import Metrics
-from connectors.base import BusError
+from connectors.base import BrokerConnectionError, BusError
 from consumers.apply import ApplyReport
 from producers.detector import Detector, PollResult
 from schemas.config import AlertRule, SyncConfig
@@ -278,11 +278,10 @@ class Monitor:
     def sample_queues(self) -> None:
         """Sample ready messages of every link's queues and of the dead-letter queue."""
         try:
-            with Connection(self.config.broker.url, connect_timeout=5) as conn:
-                channel = conn.default_channel
+            with BrokerSession(self.config.broker.url, timeout=5, retries=0) as broker:
                 for ln in self.links.values():
-                    work = _depth(channel, ln.queues.work)
-                    retry = sum(_depth(channel, q) for _, q in ln.queues.retries)
+                    work = _depth(broker, ln.queues.work)
+                    retry = sum(_depth(broker, q) for _, q in ln.queues.retries)
                     self.metrics.queue_depths(ln.name, work=work, retry=retry)
             counts = self.state.tx_counts(list(self.config.links))
             self.metrics.dead_letters.set(sum(row.get("error", 0) for row in counts.values()))
@@ -381,8 +380,11 @@ def _merge(into: LinkDelta, other: LinkDelta) -> None:
         into.failure, into.failure_at = other.failure, other.failure_at
 
 
-def _depth(channel: Any, queue: str) -> int:
-    return int(channel.queue_declare(queue=queue, passive=True)[1])
+def _depth(broker: BrokerSession, queue: str) -> int:
+    depth = broker.depth(queue)
+    if depth is None:  # deleted under a running worker: not ready
+        raise BrokerConnectionError(f"queue {queue} does not exist")
+    return depth
 
 
 def _new_id() -> str:

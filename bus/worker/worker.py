@@ -27,17 +27,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
-from kombu import Connection
 
 from bus.amqp.consumer import BatchConsumer
 from bus.amqp.integrity import Signer, signer_for
 from bus.amqp.publisher import Publisher
-from bus.amqp.topology import LinkQueues, declare_topology
+from bus.amqp.queues import BrokerSession
+from bus.amqp.topology import LinkQueues
 from bus.amqp.txrecord import TxRecorder
 from bus.amqp.txsweep import SWEEP_INTERVAL, catch_up, migrate_legacy
 from bus.config.drift import refuse_drifted_links
-from bus.core.redact import redact_url
-from bus.ops.runs import run_records
 from bus.state.rows import RunRecord
 from bus.state.store import StateStore
 from bus.worker.health import HealthServer
@@ -45,7 +43,6 @@ from bus.worker.metrics import Metrics
 from bus.worker.monitor import Monitor
 from connectors._http import add_throttle_listener, remove_throttle_listener
 from connectors.base import (
-    BrokerConnectionError,
     BusError,
     ConfigError,
     Connector,
@@ -324,15 +321,8 @@ class Worker:
     # -- internals ----------------------------------------------------------------------------
 
     def _declare(self) -> list[LinkQueues]:
-        url = self.config.broker.url
-        conn = Connection(url, connect_timeout=10)
-        try:
-            with conn:
-                conn.ensure_connection(max_retries=3, interval_start=0.5, interval_step=1)
-                return declare_topology(conn, self.config)
-        except conn.connection_errors + (OSError,) as exc:
-            raise BrokerConnectionError(
-                f"cannot reach RabbitMQ at {redact_url(url)}: {exc}") from exc
+        with BrokerSession(self.config.broker.url, retries=3) as broker:
+            return broker.declare(self.config)
 
     def flows(self) -> list[Flow]:
         """Every direction of every enabled link.
@@ -635,9 +625,8 @@ class Worker:
 
     def _count(self, *queues: str) -> int:
         """Ready messages in ``queues`` (one connection for all)."""
-        with Connection(self.config.broker.url, connect_timeout=10) as conn:
-            channel = conn.default_channel
-            return sum(int(channel.queue_declare(queue=q, passive=True)[1]) for q in queues)
+        with BrokerSession(self.config.broker.url) as broker:
+            return broker.total(queues)
 
     def _link_summaries(self) -> list[LinkSummary]:
         out = []
@@ -675,3 +664,33 @@ def _dead_local_owner(owner: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def run_records(summary: RunSummary, *, run_id: str, started_at: datetime,
+                worker: str) -> list[RunRecord]:
+    """The history records of a finished ``run --until-idle``: the run and each link.
+
+    Args:
+        summary: What the run did.
+        run_id: Shared by every record of the run (its polls included).
+        started_at: When the run started.
+        worker: The worker's identity.
+    """
+    ended = datetime.now(UTC)
+    status = ("failed" if summary.dead or summary.errors
+              else "timed_out" if summary.timed_out else "ok")
+    links = summary.links
+    records = [RunRecord(
+        run_id=run_id, kind="run", name="until-idle", started_at=started_at, ended_at=ended,
+        status=status, upserts=sum(s.upserted for s in links),
+        deletes=sum(s.deleted for s in links), skipped=sum(s.skipped for s in links),
+        retried=sum(s.retried for s in links), dead=summary.dead,
+        errors=len(summary.errors) + summary.dead, error="\n".join(summary.errors) or None,
+        worker=worker)]
+    for s in links:
+        records.append(RunRecord(
+            run_id=run_id, kind="link", name=s.link, started_at=started_at, ended_at=ended,
+            status=("paused" if s.link in summary.paused else "failed" if s.dead else "ok"),
+            upserts=s.upserted, deletes=s.deleted, skipped=s.skipped, retried=s.retried,
+            dead=s.dead, errors=s.dead, error=summary.paused.get(s.link), worker=worker))
+    return records
