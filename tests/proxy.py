@@ -10,6 +10,8 @@ import contextlib
 import socket
 import threading
 
+from tests.support import pick_free_port
+
 __all__ = ["TcpProxy"]
 
 
@@ -24,10 +26,9 @@ class TcpProxy:
         #: While set, bytes are swallowed and new connections get no upstream: a peer that
         #: hangs instead of refusing (calls wait for their timeouts).
         self.stalled = threading.Event()
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
+        # Below the ephemeral range: while cut, no outgoing connection can take the port,
+        # so restore() binds it again.
+        self.port = pick_free_port()
         self.restore()
 
     def stall(self) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from bus.amqp.errors import explain
 from bus.amqp.headers import LETTER_HEADER, MARKER_HEADER
 from bus.amqp.peek import cap_headers, harden_amqp_decoders
 from bus.core.redact import redact_url
@@ -107,7 +108,7 @@ class DeadLog:
         try:
             self.conn = pika.BlockingConnection(pika.URLParameters(url))
         except pika.exceptions.AMQPError as exc:
-            raise BrokerConnectionError(
+            raise explain(exc, url) or BrokerConnectionError(
                 f"cannot reach RabbitMQ at {redact_url(url)}: {exc!r}") from exc
         self._channel: Any = None
         #: The offset of the marker the last :meth:`read_to_end` stopped at.
