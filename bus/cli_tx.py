@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -129,21 +130,25 @@ def list_(
     flt = _filter(None, link, entity, key, since, error_contains)
 
     def show() -> None:
-        found = log.select(status, flt, limit)
         if as_json:
-            _dump_json([t.to_json() for t in found])
+            _dump_json(t.to_json() for t in log.iter_select(status, flt, limit))
             return
-        _table(found, status)
+        _table(log.select(status, flt, limit), status)
 
     _run(log, show)
 
 
-def _dump_json(rows: list[dict[str, object]]) -> None:
-    """A JSON array, one transaction per line (fast to write, easy to grep)."""
+def _dump_json(rows: Iterable[dict[str, object]]) -> None:
+    """A JSON array, one transaction per line (fast to write, easy to grep), written
+    as the rows come."""
     out = sys.stdout
     out.write("[\n")
-    out.write(",\n".join(json.dumps(row, default=str) for row in rows))
-    out.write("\n]\n" if rows else "]\n")
+    sep = ""
+    for row in rows:
+        out.write(sep)
+        out.write(json.dumps(row, default=str))
+        sep = ",\n"
+    out.write("\n]\n" if sep else "]\n")
 
 
 def _table(found: list[Transaction], status: str) -> None:
