@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 #: Statuses a listing shows (bus.txlog.STATUSES, and all).
 STATUSES = ("pending", "processed", "error", "archived")
+#: Seconds between two progress lines of a long command.
+PROGRESS_EVERY = 2.0
 
 __all__ = ["tx"]
 
@@ -136,6 +139,19 @@ def list_(
         _table(log.select(status, flt, limit), status)
 
     _run(log, show)
+
+
+def _progress(text: str, every: float = PROGRESS_EVERY) -> Callable[[int], None]:
+    """A progress callback printing ``text`` (``{}``: the count) to stderr at most once
+    per ``every`` seconds: long work shows it is moving without flooding the screen."""
+    last = [time.monotonic()]
+
+    def show(done: int) -> None:
+        if time.monotonic() - last[0] >= every:
+            last[0] = time.monotonic()
+            _err.print(text.format(f"{done:,}"), highlight=False)
+
+    return show
 
 
 def _dump_json(rows: Iterable[dict[str, object]]) -> None:
@@ -261,8 +277,7 @@ def _move(config: Path, action: str, ids: list[str] | None, all_: bool, link: st
         raise typer.Exit(2)
     log = _open(config)
 
-    def progress(done: int) -> None:
-        _err.print(f"{action}: {done} done", highlight=False)
+    progress = _progress(f"{action}: {{}} done")
 
     def act() -> None:
         if action == "replay":
@@ -364,8 +379,7 @@ def reconcile(config: ConfigOpt,
         from bus.txsweep import migrate_legacy  # noqa: PLC0415
 
         migrated = migrate_legacy(log.url)
-        report = log.sweep(lambda n: _err.print(f"reconcile: {n} letters read",
-                                                highlight=False), check=True)
+        report = log.sweep(_progress("reconcile: {} letters read"), check=True)
         if as_json:
             typer.echo(json.dumps({
                 "read": report.read, "indexed": report.indexed, "located": report.located,
