@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from bus.headers import LETTER_HEADER, MARKER_HEADER, headers
 from bus.peek import Unreadable, read_body, read_failure
+from connectors.base import BusError
 from producers.state import StateStore
 from producers.state_tx import TxKey, TxPage, TxQuery
 from schemas.config import SyncConfig, parse_duration
@@ -334,9 +335,13 @@ class TxLog:
         located = {tx.offset: tx for tx in found if tx.offset is not None}
         if located:
             from bus.deadlog import DeadLog  # noqa: PLC0415
-            with DeadLog(self.url) as log:
-                for letter in log.fetch(located):
-                    located[letter.offset].read_letter(letter)
+            try:
+                with DeadLog(self.url) as log:
+                    for letter in log.fetch(located):
+                        located[letter.offset].read_letter(letter)
+            except BusError as exc:  # the index still says what it knows
+                self.warnings.append(f"the event was not read from the dead-letter log "
+                                     f"({exc.message})")
         seen = {(t.link, t.status) for t in found}
         found += [t for t in self._processed(flt, None) if (t.link, "processed") not in seen]
         return found
