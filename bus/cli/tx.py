@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 
 #: Statuses a listing shows (bus.ops.txlog.STATUSES, and all).
 STATUSES = ("pending", "processed", "error", "archived")
+#: Seconds between two progress lines of a long command.
+PROGRESS_EVERY = 2.0
 
 __all__ = ["tx"]
 
@@ -129,21 +133,38 @@ def list_(
     flt = _filter(None, link, entity, key, since, error_contains)
 
     def show() -> None:
-        found = log.select(status, flt, limit)
         if as_json:
-            _dump_json([t.to_json() for t in found])
+            _dump_json(t.to_json() for t in log.iter_select(status, flt, limit))
             return
-        _table(found, status)
+        _table(log.select(status, flt, limit), status)
 
     _run(log, show)
 
 
-def _dump_json(rows: list[dict[str, object]]) -> None:
-    """A JSON array, one transaction per line (fast to write, easy to grep)."""
+def _progress(text: str, every: float = PROGRESS_EVERY) -> Callable[[int], None]:
+    """A progress callback printing ``text`` (``{}``: the count) to stderr at most once
+    per ``every`` seconds: long work shows it is moving without flooding the screen."""
+    last = [time.monotonic()]
+
+    def show(done: int) -> None:
+        if time.monotonic() - last[0] >= every:
+            last[0] = time.monotonic()
+            _err.print(text.format(f"{done:,}"), highlight=False)
+
+    return show
+
+
+def _dump_json(rows: Iterable[dict[str, object]]) -> None:
+    """A JSON array, one transaction per line (fast to write, easy to grep), written
+    as the rows come."""
     out = sys.stdout
     out.write("[\n")
-    out.write(",\n".join(json.dumps(row, default=str) for row in rows))
-    out.write("\n]\n" if rows else "]\n")
+    sep = ""
+    for row in rows:
+        out.write(sep)
+        out.write(json.dumps(row, default=str))
+        sep = ",\n"
+    out.write("\n]\n" if sep else "]\n")
 
 
 def _table(found: list[Transaction], status: str) -> None:
@@ -256,8 +277,7 @@ def _move(config: Path, action: str, ids: list[str] | None, all_: bool, link: st
         raise typer.Exit(2)
     log = _open(config)
 
-    def progress(done: int) -> None:
-        _err.print(f"{action}: {done} done", highlight=False)
+    progress = _progress(f"{action}: {{}} done")
 
     def act() -> None:
         if action == "replay":
@@ -359,8 +379,7 @@ def reconcile(config: ConfigOpt,
         from bus.amqp.txsweep import migrate_legacy  # noqa: PLC0415
 
         migrated = migrate_legacy(log.url)
-        report = log.sweep(lambda n: _err.print(f"reconcile: {n} letters read",
-                                                highlight=False), check=True)
+        report = log.sweep(_progress("reconcile: {} letters read"), check=True)
         if as_json:
             typer.echo(json.dumps({
                 "read": report.read, "indexed": report.indexed, "located": report.located,

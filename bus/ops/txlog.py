@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import getpass
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from bus.amqp.headers import LETTER_HEADER, MARKER_HEADER, headers
 from bus.amqp.peek import Unreadable, read_body, read_failure
-from bus.state.rows import aware
 from bus.state.store import StateStore
 from bus.state.txindex import TxKey, TxPage, TxQuery
+from connectors.base import BusError
 from schemas.config import SyncConfig, parse_duration
 from schemas.event import canonical_key
 
@@ -116,7 +116,7 @@ class Transaction:
         return TxKey(self.id, self.link or "?", self.direction)
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Transaction:
+    def from_row(cls, row: Mapping[str, Any]) -> Transaction:
         """A transaction from its index row."""
         reason = row.get("unreadable")
         return cls(
@@ -279,14 +279,28 @@ class TxLog:
                limit: int | None = None) -> list[Transaction]:
         """Transactions of ``status`` (or ``all``) matching ``flt``, the most recent
         failure first (Processed ones: the most recently applied first)."""
+        return list(self.iter_select(status, flt, limit))
+
+    def iter_select(self, status: str = "error", flt: TxFilter | None = None,
+                    limit: int | None = None) -> Iterator[Transaction]:
+        """:meth:`select`, one transaction at a time: memory stays flat however many
+        match (what ``tx list --json`` prints)."""
         flt = flt or TxFilter()
         if status == "processed":
-            return self._processed(flt, limit)
+            yield from self._processed(flt, limit)
+            return
         self.refresh()
-        found = self._indexed(_statuses(status), flt, limit)
-        if status == "all" and (limit is None or len(found) < limit):
-            found += self._processed(flt, None if limit is None else limit - len(found))
-        return found
+        n = 0
+        for row in self.state.tx_iter(flt.query(_statuses(status), self.links)):
+            tx = Transaction.from_row(row)
+            if flt.key and not flt.match(tx):
+                continue
+            yield tx
+            n += 1
+            if limit is not None and n >= limit:
+                return
+        if status == "all":
+            yield from self._processed(flt, None if limit is None else limit - n)
 
     def page(self, status: str = "error", flt: TxFilter | None = None, *, limit: int = 100,
              after: str | None = None) -> tuple[list[Transaction], str | None]:
@@ -321,9 +335,13 @@ class TxLog:
         located = {tx.offset: tx for tx in found if tx.offset is not None}
         if located:
             from bus.amqp.deadlog import DeadLog  # noqa: PLC0415
-            with DeadLog(self.url) as log:
-                for letter in log.fetch(located):
-                    located[letter.offset].read_letter(letter)
+            try:
+                with DeadLog(self.url) as log:
+                    for letter in log.fetch(located):
+                        located[letter.offset].read_letter(letter)
+            except BusError as exc:  # the index still says what it knows
+                self.warnings.append(f"the event was not read from the dead-letter log "
+                                     f"({exc.message})")
         seen = {(t.link, t.status) for t in found}
         found += [t for t in self._processed(flt, None) if (t.link, "processed") not in seen]
         return found
@@ -618,7 +636,8 @@ def _iso(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        return (aware(value) or value).isoformat()
+        text = value.isoformat()
+        return text if value.tzinfo else text + "+00:00"  # the store keeps UTC
     return str(value)
 
 

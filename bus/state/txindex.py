@@ -23,7 +23,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -267,6 +267,16 @@ class TxIndexMixin:
             page.next_cursor = _encode_cursor(last.get("last_failure") or last["status_at"],
                                               TxKey.of(last))
         return page
+
+    def tx_iter(self, query: TxQuery, *, batch: int = 2000) -> Iterator[Mapping[str, Any]]:
+        """Every row matching ``query``, the most recent failure first, read ``batch``
+        rows at a time (one query; memory stays flat however many match)."""
+        sort = sa.func.coalesce(tx.c.last_failure, tx.c.status_at)
+        stmt = (sa.select(*(tx.c[c] for c in TX_COLUMNS)).where(*self._conditions(query))
+                .order_by(sort.desc(), tx.c.id, tx.c.link, tx.c.direction))
+        with self._tx_available(), self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
+            yield from cast("Iterator[Mapping[str, Any]]", iter(result.mappings()))
 
     def tx_counts(self, links: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
         """Rows per link and status (``links``: only these and ``"?"``)."""
