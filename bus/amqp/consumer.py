@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -108,17 +108,28 @@ _ACK = Decision(Verdict.ACK)
 
 @dataclass(slots=True)
 class Delivery:
-    """One message as the handler sees it."""
+    """One message as the handler sees it: plain data, no broker object.
+
+    Handlers (the applier, the subscriber, ``syncbus preview``) build and read these
+    fields only; settling the message is the :class:`BatchConsumer`'s business, through
+    a handle it keeps to itself.
+    """
 
     body: bytes
     headers: dict[str, Any]
     routing_key: str
     message_id: str | None
-    message: Message = field(repr=False)
-
+    _: KW_ONLY
+    #: The ``content_type`` property, when the message has one as text.
+    content_type: str | None = None
+    #: True when the broker delivered the message before (a consumer died holding it).
+    redelivered: bool = False
     #: Why the message cannot be handled at all (its body could not be read as bytes);
     #: such a delivery is dead-lettered by the consumer without reaching the handler.
     problem: str | None = None
+    #: The broker's delivery tag, the consumer's handle to ack the message (0: made
+    #: elsewhere, never acked); handlers have no use for it.
+    _tag: int = field(default=0, repr=False, compare=False)
 
     @property
     def attempts(self) -> int:
@@ -393,7 +404,7 @@ class BatchConsumer:
             self.tx_index.settled(batch, decisions, per_delivery, listed)
         self._inflight_listed = False
         # Everything delivered before this batch is settled already: one frame acks all.
-        channel.basic_ack(max(d.message.delivery_tag for d in batch), multiple=True)
+        channel.basic_ack(max(d._tag for d in batch), multiple=True)
         self.stats.in_flight = len(self._buffer)
         if self.on_settled is not None:
             try:
@@ -453,8 +464,8 @@ class BatchConsumer:
         hdrs[headers.HISTORY] = _history(hdrs, stamp, decision)
         if decision.response:
             hdrs[headers.RESPONSE] = decision.response[:MAX_ERROR_CHARS]
-        content_type = delivery.message.properties.get("content_type")
-        if not isinstance(content_type, str) or not ROUTING_KEY_RE.match(content_type):
+        content_type = delivery.content_type
+        if content_type is None or not ROUTING_KEY_RE.match(content_type):
             content_type = "application/cloudevents+json"
         give_up = self._give_up(decision, round_, hdrs[headers.RETRY_SINCE], now)
         if decision.verdict is Verdict.RETRY and give_up is None:
@@ -511,14 +522,18 @@ def _delivery(message: Message) -> Delivery:
     if UNDECODABLE in raw_headers:
         problem = f"AMQP properties could not be decoded ({raw_headers[UNDECODABLE]})"
     message_id = props.get("message_id")
-    routing_key = (message.delivery_info or {}).get("routing_key", "")
+    content_type = props.get("content_type")
+    info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
+    routing_key = info.get("routing_key", "")
     return Delivery(
         body=body or b"",
         headers=dict(raw_headers),
         routing_key=routing_key if isinstance(routing_key, str) else "",
         message_id=message_id if isinstance(message_id, str) else None,
-        message=message,
+        content_type=content_type if isinstance(content_type, str) else None,
+        redelivered=info.get("redelivered") is True,
         problem=problem,
+        _tag=message.delivery_tag,
     )
 
 

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import sqlalchemy as sa
-from kombu.message import Message
 
 from bus.amqp.consumer import Delivery, Verdict
 from bus.amqp.queues import BrokerSession
@@ -279,8 +278,7 @@ class _Previewer:
         src = self.flow.source
         event = change_event(src.connection, src.entity, rec, self.report.cursor)
         return Delivery(body=dumps(event), headers={}, message_id=event["id"],
-                        routing_key=routing_key(src.connection, src.entity, rec.op.value),
-                        message=cast(Message, None))  # never acked: nothing is consumed
+                        routing_key=routing_key(src.connection, src.entity, rec.op.value))
 
     @property
     def _soft(self) -> SoftDelete | None:
