@@ -100,16 +100,25 @@ class ApplyReport:
 
 
 @dataclass(slots=True)
-class _Item:
+class Planned:
+    """One record on its way to the target, as :meth:`LinkApplier.plan` leaves it.
+
+    ``op`` is final (filters and soft-delete markers applied), ``key`` is the target's,
+    ``values`` are mapped (lookups translated once resolved) and ``record`` is the
+    source's. The two-way fields are filled while settling echoes and conflicts.
+    """
+
+    #: Position of the delivery in its batch (where its decision goes).
     index: int
     delivery: Delivery
     event_id: str
     op: str
     version: Any
+    #: The record's key in the target.
     key: dict[str, Any]
+    #: The state store's key of the record (the pair key on two-way links).
     record_key: str
     values: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     #: The event's detection time (CloudEvents ``time``), if it has one.
     time: str | None = None
     #: The source record (upserts), the event's key and the source's connector key.
@@ -121,11 +130,15 @@ class _Item:
     lookups: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: A winner forced by an operator (conflict resolution) or by Sync All.
     winner: str | None = None
-
-
-#: A record as :meth:`LinkApplier.plan` leaves it: ``op`` (after filters and soft-delete
-#: markers), target ``key``, mapped ``values`` (lookups translated), source ``record``.
-Planned = _Item
+    #: A Sync All event: its side is the master, which wins every difference.
+    master: bool = False
+    #: The source's content hash (two-way links, set while settling).
+    src_hash: str | None = None
+    #: True once the target's current record was read (:attr:`current`, None: absent).
+    fetched: bool = False
+    current: FetchedRecord | None = None
+    #: The content hash the target will hold after the write (two-way links).
+    dst_hash: str | None = None
 
 
 class LinkApplier:
@@ -263,8 +276,8 @@ class LinkApplier:
         return self._plan(batch, decisions, strict=True), decisions
 
     def _plan(self, batch: Sequence[Delivery], decisions: list[Decision | None], *,
-              strict: bool = False) -> list[_Item]:
-        prepared: list[_Item] = []
+              strict: bool = False) -> list[Planned]:
+        prepared: list[Planned] = []
         for index, delivery in enumerate(batch):
             try:
                 item = self._prepare(index, delivery)
@@ -283,7 +296,7 @@ class LinkApplier:
             for item in prepared:
                 decisions[item.index] = self._fail(item.delivery, exc)
             prepared = []
-        items: dict[str, _Item] = {}
+        items: dict[str, Planned] = {}
         for item in prepared:
             older = items.get(item.record_key)
             if older is not None and _newer(older.version, item.version):
@@ -298,16 +311,17 @@ class LinkApplier:
 
     # -- steps ------------------------------------------------------------------------
 
-    def _prepare(self, index: int, delivery: Delivery) -> _Item | None:
+    def _prepare(self, index: int, delivery: Delivery) -> Planned | None:
         event = self.intake.read(delivery)  # PermanentError: dead-lettered with the reason
         data, op, version, key, event_id = event.data, event.op, event.version, event.key, event.id
         flow = self.flow
         forced = delivery.headers.get(WINNER_HEADER) or delivery.headers.get(MASTER_HEADER)
-        item = _Item(index, delivery, event_id, op, version, {}, "", time=event.time,
-                     event_key=key, source_id=single_id(key), modified=_text(data.get("modified_at")),
-                     winner=str(forced) if forced in ("a", "b") else None)
+        item = Planned(index, delivery, event_id, op, version, {}, "", time=event.time,
+                       event_key=key, source_id=single_id(key),
+                       modified=_text(data.get("modified_at")),
+                       winner=str(forced) if forced in ("a", "b") else None)
         if forced is not None and MASTER_HEADER in delivery.headers:
-            item.extra["master"] = True
+            item.master = True
         if op == "upsert":
             record = data["record"]
             item.record = record
@@ -343,7 +357,7 @@ class LinkApplier:
             return {}  # found through the id map in _resolve
         return self.mapper.target_key(key)
 
-    def _record_key(self, item: _Item) -> str:
+    def _record_key(self, item: Planned) -> str:
         if self.sides is None:
             return canonical_key(item.key)
         if not item.key:
@@ -353,7 +367,7 @@ class LinkApplier:
         source = item.record or item.event_key  # a deletion: the a-side key fields are in its key
         return canonical_key({k: source.get(k) for k in self.flow.key})
 
-    def _resolve(self, items: list[_Item], decisions: list[Decision | None]) -> list[_Item]:
+    def _resolve(self, items: list[Planned], decisions: list[Decision | None]) -> list[Planned]:
         """Find deletions' records through the id map and translate lookups."""
         if not self.tracked and not self._lookups:
             return items
@@ -400,7 +414,7 @@ class LinkApplier:
             decisions[item.index] = self._orphan(item, missing, filtered)
         return ready
 
-    def _orphan(self, item: _Item, missing: list[tuple[str, str, str]],
+    def _orphan(self, item: Planned, missing: list[tuple[str, str, str]],
                 filtered: Mapping[str, set[str]]) -> Decision:
         """A record whose parent is not in the id map: filtered out by the parent link
         (settled at once, per ``filtered_parents``), or not synced yet (it waits)."""
@@ -426,7 +440,7 @@ class LinkApplier:
         """Which side of the parent link this flow's source connection is."""
         return "a" if self._links[parent].source.connection == self.flow.source.connection else "b"
 
-    def _waiting(self, item: _Item, missing: list[tuple[str, str, str]]) -> Decision:
+    def _waiting(self, item: Planned, missing: list[tuple[str, str, str]]) -> Decision:
         self.stats.waiting += 1
         what = "; ".join(f"{column}: no {parent!r} record with key {value!r} in "
                          f"{self.flow.target.connection} yet" for column, parent, value in missing)
@@ -437,7 +451,7 @@ class LinkApplier:
                 entity=self.entity))
         return Decision(Verdict.RETRY, error=message, error_class="MissingParent")
 
-    def _apply(self, items: list[_Item], decisions: list[Decision | None]) -> None:
+    def _apply(self, items: list[Planned], decisions: list[Decision | None]) -> None:
         started = time.perf_counter()
         applied_as = self.name if self.flow.direction == "a2b" else self.flow.name
         try:
@@ -454,7 +468,7 @@ class LinkApplier:
                     fresh = self._settle(fresh, guard, decisions)
                 fresh = self._soft_deletable(fresh, decisions)
                 outcomes = self._write(fresh)
-                created: list[_Item] = []
+                created: list[Planned] = []
                 for item, outcome in zip(fresh, outcomes, strict=True):
                     decisions[item.index] = self._decide(item, outcome)
                     if not outcome.ok:
@@ -467,7 +481,7 @@ class LinkApplier:
                                           key=item.record_key, op=item.op, version=item.version)
                     if self.sides is not None:
                         self._remember(item, guard)
-                        if item.op == "upsert" and item.extra.get("current") is None:
+                        if item.op == "upsert" and item.current is None:
                             created.append(item)
                 if created:
                     self._learn_ids(created, guard)
@@ -482,11 +496,12 @@ class LinkApplier:
         self._log.info("batch_applied", count=len(items),
                        ms=round((time.perf_counter() - started) * 1000, 1))
 
-    def _soft_deletable(self, items: list[_Item], decisions: list[Decision | None]) -> list[_Item]:
+    def _soft_deletable(self, items: list[Planned],
+                        decisions: list[Decision | None]) -> list[Planned]:
         """Leave out soft deletes of records the target does not have (nothing to mark)."""
         if self.flow.deletes != "soft":
             return items
-        unknown = [i for i in items if i.op == "delete" and "current" not in i.extra]
+        unknown = [i for i in items if i.op == "delete" and not i.fetched]
         if not unknown:
             return items
         found = self._fetch(unknown)
@@ -497,7 +512,7 @@ class LinkApplier:
                 decisions[item.index] = Decision.ack()
         return [i for i in items if i.index not in absent]
 
-    def _is_stale(self, item: _Item, guard: AppliedGuard) -> bool:
+    def _is_stale(self, item: Planned, guard: AppliedGuard) -> bool:
         """The ordering rule: this version, or a newer one, was applied or seen already.
 
         On tracked links the pair row also remembers the version of each side read
@@ -512,8 +527,8 @@ class LinkApplier:
 
     # -- two-way ----------------------------------------------------------------------
 
-    def _settle(self, items: list[_Item], guard: AppliedGuard,
-                decisions: list[Decision | None]) -> list[_Item]:
+    def _settle(self, items: list[Planned], guard: AppliedGuard,
+                decisions: list[Decision | None]) -> list[Planned]:
         """Drop echoes and no-ops, settle conflicts; returns the items to write."""
         assert self.sides is not None
         src, dst = self.flow.source_side, self.flow.target_side
@@ -523,7 +538,7 @@ class LinkApplier:
             pair = guard.pair(item.record_key) or {}
             src_hash = (content_hash(item.record or {}, src_fields)
                         if item.op == "upsert" and item.record is not None else DELETED)
-            item.extra["src_hash"] = src_hash
+            item.src_hash = src_hash
             if pair.get(f"{src}_hash") == src_hash and item.winner is None:
                 self.stats.echoes += 1  # our own write coming back, or nothing we sync changed
                 self._touch(item, guard)
@@ -536,14 +551,14 @@ class LinkApplier:
         out = []
         for item, cur in zip(pending, current, strict=True):
             pair = guard.pair(item.record_key) or {}
-            item.extra["current"] = cur
+            item.fetched, item.current = True, cur
             now_hash = content_hash(cur.values, dst_fields) if cur is not None else DELETED
             if item.op == "upsert":
-                item.extra["dst_hash"] = content_hash({**(cur.values if cur else {}),
-                                                       **(item.values or {})}, dst_fields)
+                item.dst_hash = content_hash({**(cur.values if cur else {}),
+                                              **(item.values or {})}, dst_fields)
             else:
-                item.extra["dst_hash"] = DELETED
-            if now_hash == item.extra["dst_hash"]:
+                item.dst_hash = DELETED
+            if now_hash == item.dst_hash:
                 self.stats.unchanged += 1  # the target already holds this content
                 self._remember(item, guard)
                 decisions[item.index] = Decision.ack()
@@ -553,7 +568,7 @@ class LinkApplier:
             if not changed and item.winner in (None, src):
                 out.append(item)
                 continue
-            if cur is None and item.extra.get("master"):
+            if cur is None and item.master:
                 out.append(item)  # Sync All: the master lacks the record; copy it
                 continue
             win = item.winner or winner(self.link.conflict, src, item.modified,
@@ -569,13 +584,13 @@ class LinkApplier:
             decisions[item.index] = Decision.ack()
         return out
 
-    def _fetch(self, items: list[_Item]) -> list[FetchedRecord | None]:
+    def _fetch(self, items: list[Planned]) -> list[FetchedRecord | None]:
         keyed = [i for i in items if i.key]
         found = self.target.fetch(self.entity, [i.key for i in keyed]) if keyed else []
         by_index = {i.index: rec for i, rec in zip(keyed, found, strict=True)}
         return [by_index.get(i.index) for i in items]
 
-    def _touch(self, item: _Item, guard: AppliedGuard) -> None:
+    def _touch(self, item: Planned, guard: AppliedGuard) -> None:
         """Record the source's version (duplicates then skip) without syncing content."""
         src = self.flow.source_side
         guard.set_pair(item.record_key, **{f"{src}_version": item.version,
@@ -583,16 +598,15 @@ class LinkApplier:
         if isinstance(item.version, int):
             guard.record(item.record_key, item.version)
 
-    def _remember(self, item: _Item, guard: AppliedGuard) -> None:
+    def _remember(self, item: Planned, guard: AppliedGuard) -> None:
         """Both sides now hold the same content: record it in the pair row."""
         src, dst = self.flow.source_side, self.flow.target_side
-        cur: FetchedRecord | None = item.extra.get("current")
-        values: dict[str, Any] = {f"{src}_hash": item.extra.get("src_hash"),
-                                  f"{src}_version": item.version}
+        cur = item.current
+        values: dict[str, Any] = {f"{src}_hash": item.src_hash, f"{src}_version": item.version}
         if item.source_id:
             values[f"{src}_id"] = item.source_id
-        if "dst_hash" in item.extra:
-            values[f"{dst}_hash"] = item.extra["dst_hash"]
+        if item.dst_hash is not None:
+            values[f"{dst}_hash"] = item.dst_hash
         elif self.sides is not None and item.values is not None:
             values[f"{dst}_hash"] = content_hash(item.values, self.sides.fields(dst))
         elif item.op == "delete":
@@ -602,7 +616,7 @@ class LinkApplier:
             values[f"{dst}_version"] = cur.version
         guard.set_pair(item.record_key, **values)
 
-    def _learn_ids(self, created: list[_Item], guard: AppliedGuard) -> None:
+    def _learn_ids(self, created: list[Planned], guard: AppliedGuard) -> None:
         """Read back records this batch created, for their ids (lookups, deletions)."""
         dst = self.flow.target_side
         missing = [i for i in created if not (guard.pair(i.record_key) or {}).get(f"{dst}_id")]
@@ -614,7 +628,7 @@ class LinkApplier:
                 guard.set_pair(item.record_key, **{f"{dst}_id": single_id(rec.key),
                                                    f"{dst}_version": rec.version})
 
-    def _log_conflict(self, item: _Item, cur: FetchedRecord | None, win: str | None,
+    def _log_conflict(self, item: Planned, cur: FetchedRecord | None, win: str | None,
                       guard: AppliedGuard) -> None:
         src = self.flow.source_side
         mine = item.record if item.op == "upsert" else None
@@ -631,7 +645,7 @@ class LinkApplier:
         self._log.warning("conflict", key=item.record_key, policy=policy, winner=win or "pending",
                           event_id=item.event_id)
 
-    def _conflict_dead(self, item: _Item) -> Decision:
+    def _conflict_dead(self, item: Planned) -> Decision:
         message = (f"conflict: both sides changed {item.record_key} since the last sync "
                    f"(link {self.name!r}, policy manual); keep one side with "
                    f"`syncbus tx resolve {item.event_id} --keep a|b`")
@@ -639,7 +653,7 @@ class LinkApplier:
 
     # -- writing ----------------------------------------------------------------------
 
-    def _write(self, items: list[_Item]) -> list[Outcome]:
+    def _write(self, items: list[Planned]) -> list[Outcome]:
         flow = self.flow
         soft = flow.soft_delete if flow.deletes == "soft" else None
         upserts = [i for i in items if i.op == "upsert" or (soft is not None and i.op == "delete")]
@@ -665,7 +679,7 @@ class LinkApplier:
 
     # -- decisions ----------------------------------------------------------------------
 
-    def _decide(self, item: _Item, outcome: Outcome) -> Decision:
+    def _decide(self, item: Planned, outcome: Outcome) -> Decision:
         if outcome.status is OutcomeStatus.APPLIED:
             return Decision.ack()
         self.stats.failed += 1
@@ -700,7 +714,7 @@ def _newer(a: Any, b: Any) -> bool:
     return False
 
 
-def _pair_id(guard: AppliedGuard, item: _Item, side: str) -> str | None:
+def _pair_id(guard: AppliedGuard, item: Planned, side: str) -> str | None:
     value = (guard.pair(item.record_key) or {}).get(f"{side}_id")
     return None if value is None else str(value)
 
