@@ -198,6 +198,23 @@ class Capabilities:
     #: system that falls back to ETags also has str). Consumers reject an event whose
     #: version is of another type.
     version_types: tuple[type, ...] = (int,)
+    # Optional features: each flag promises the protocol of that name in
+    # connectors/features.py, which the bus then calls without probing.
+    #: Entities need a setup step before changes can be read (``syncbus setup``):
+    #: ``TrackingSetup``. False: the system tracks changes natively.
+    tracking_setup: bool = False
+    #: It calls listeners when its system reports a change, so that the entity can be
+    #: polled at once: ``ChangeNotifier``.
+    change_listener: bool = False
+    #: Webhooks are configured: a receiver and subscriptions to start, secrets to keep,
+    #: refused notifications to count: ``WebhookSource``.
+    webhooks: bool = False
+    #: It creates tables and columns from another system's metadata (``syncbus schema
+    #: pull``): ``TableCreator``.
+    table_creation: bool = False
+    #: It keeps bookkeeping of its own that reading changes moves on (key sets, key
+    #: indexes), and can point a connector at a throw-away copy of it: ``ScratchCopyable``.
+    scratch_copy: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -388,7 +388,7 @@ class LinkChecker:
 
 def _generated(fld: FieldInfo, entity: EntityInfo) -> bool:
     """True when the target fills ``fld`` itself (default, or a serial primary key)."""
-    if getattr(fld, "has_default", False):
+    if fld.has_default:
         return True
     return entity.key == (fld.name,) and "int" in fld.type.lower()
 

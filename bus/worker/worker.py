@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 import structlog
 
@@ -50,6 +51,7 @@ from connectors.base import (
     PermanentError,
     TransientError,
 )
+from connectors.features import ChangeNotifier, TrackingSetup, WebhookSource
 from connectors.registry import open_connector
 from consumers.apply import LinkApplier
 from consumers.flow import Flow, flows
@@ -170,11 +172,11 @@ class Worker:
         lines = []
         for conn_name, entities in wanted.items():
             connector = self.connectors[conn_name]
-            prepare = getattr(connector, "prepare_tracking", None)
-            if prepare is None:
+            if not connector.capabilities.tracking_setup:
                 lines.append(f"{conn_name}: tracks changes natively, nothing to prepare")
                 continue
-            lines += [f"{conn_name}.{line}" for line in prepare(entities)]
+            prepared = cast(TrackingSetup, connector).prepare_tracking(entities)
+            lines += [f"{conn_name}.{line}" for line in prepared]
         return lines
 
     def open(self) -> None:
@@ -370,9 +372,10 @@ class Worker:
             self.detectors.append((detector, interval))
             self._wake[detector.name] = threading.Event()
         for conn in {c for c, _ in sources}:
-            listen = getattr(self.connectors[conn], "add_change_listener", None)
-            if listen is not None:  # webhooks: a notification polls its entity at once
-                listen(functools.partial(self._wake_detector, conn))
+            connector = self.connectors[conn]
+            if connector.capabilities.change_listener:  # a notification polls at once
+                cast(ChangeNotifier, connector).add_change_listener(
+                    functools.partial(self._wake_detector, conn))
 
     def _on_throttled(self, host: str, retry_after: float | None) -> None:
         """A 429 from ``host``: count it for every connection of this worker on that host."""
@@ -390,29 +393,27 @@ class Worker:
     def _wire_webhooks(self) -> None:
         """Give connectors with webhooks the state store, which keeps the ``clientState``
         secrets they generate, and count the notifications they refuse."""
-        for name, connector in self.connectors.items():
-            use = getattr(connector, "use_secret_store", None)
-            if use is None or getattr(getattr(connector, "config", None), "webhooks", None) is None:
-                continue
+        for name, hooks in self._webhook_sources():
             if self.state is None:
                 self.state = StateStore(self.config.state.url)
-            use(self.state)
+            hooks.use_secret_store(self.state)
             if name not in self._webhooks_wired:
-                connector.add_rejection_listener(  # type: ignore[attr-defined]
-                    functools.partial(self.metrics.webhook_rejected, name))
+                hooks.add_rejection_listener(functools.partial(self.metrics.webhook_rejected, name))
                 self._webhooks_wired.add(name)
 
     def _start_webhooks(self) -> None:
         """Start the webhook receivers of connectors configured for them (accelerators only:
         polling stays the source of truth, so a failure here is logged, not fatal)."""
-        for name, connector in self.connectors.items():
-            start = getattr(connector, "start_webhooks", None)
-            if start is None or getattr(getattr(connector, "config", None), "webhooks", None) is None:
-                continue
+        for name, hooks in self._webhook_sources():
             try:
-                start()
+                hooks.start_webhooks()
             except (BusError, OSError) as exc:
                 log.warning("webhooks_not_started", connection=name, error=str(exc))
+
+    def _webhook_sources(self) -> list[tuple[str, WebhookSource]]:
+        """The connectors that declare webhooks (configured for them), by name."""
+        return [(name, cast(WebhookSource, connector))
+                for name, connector in self.connectors.items() if connector.capabilities.webhooks]
 
     def _build_consumers(self) -> None:
         assert self.state is not None and self.publisher is not None

@@ -70,7 +70,6 @@ from connectors.business_central.metadata import PageInfo, entity_info, parse_me
 from connectors.business_central.webhooks import (
     SECRET_SCOPE,
     MemorySecrets,
-    SecretStore,
     Subscriptions,
     WebhookReceiver,
     WebhookRejected,
@@ -83,6 +82,7 @@ from connectors.business_central.writer import (
     fail_on_conflict,
     retry_once,
 )
+from connectors.features import SecretStore
 from schemas.config import BusinessCentralConnection
 
 __all__ = ["BusinessCentralConnector"]
@@ -141,11 +141,14 @@ class BusinessCentralConnector:
 
     @property
     def capabilities(self) -> Capabilities:
-        """Change tracking, alternate keys, batches of ``batch_size`` (≤ 100), 20 req/s."""
+        """Change tracking, alternate keys, batches of ``batch_size`` (≤ 100), 20 req/s;
+        a setup step (checks, subscriptions), change listeners, webhooks when configured."""
         deletes = any(s.sync_deletion or s.webhook for s in self.config.entities.values())
         return Capabilities(change_tracking=True, deletes_tracked=deletes, alternate_keys=True,
                             max_batch=self.config.batch_size, rate_limit=RATE_LIMIT,
-                            version_types=(int, str))  # row versions, or ETags
+                            version_types=(int, str),  # row versions, or ETags
+                            tracking_setup=True, change_listener=True,
+                            webhooks=self.config.webhooks is not None)
 
     # -- metadata -----------------------------------------------------------------------
 

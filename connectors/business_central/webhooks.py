@@ -8,7 +8,7 @@ answers 404 for it, never on the notification's word.
 Features
     * Every subscription carries a ``clientState`` secret: the configured
       ``client_state``, or one generated per subscription (``secrets.token_urlsafe``)
-      and kept in a :class:`SecretStore` (the worker's state store). Notifications
+      and kept in a :class:`~connectors.features.SecretStore` (the worker's state store). Notifications
       whose ``clientState`` is missing or wrong are refused with 401
       (:class:`WebhookRejected`, compared with :func:`hmac.compare_digest`).
     * :class:`Subscriptions` creates the subscription of an entity set at the API route
@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -61,8 +61,8 @@ from connectors.business_central.metadata import PageInfo
 from schemas.config import BusinessCentralConnection
 
 __all__ = ["MAX_BODY", "MemorySecrets", "Notification", "REASONS", "SECRET_SCOPE",
-           "SecretStore", "Subscriptions", "WebhookReceiver", "WebhookRejected",
-           "check_client_state", "parse_notifications"]
+           "Subscriptions", "WebhookReceiver", "WebhookRejected", "check_client_state",
+           "parse_notifications"]
 
 log = structlog.get_logger(__name__)
 
@@ -94,18 +94,6 @@ class WebhookRejected(PermanentError):
         super().__init__(message, status=status)
         self.reason = reason
         self.http_status = status
-
-
-class SecretStore(Protocol):
-    """Where generated ``clientState`` secrets are kept (:class:`bus.state.store.StateStore`)."""
-
-    def get_secret(self, scope: str, name: str) -> str | None:
-        """The secret ``scope``/``name``, or None."""
-        ...
-
-    def keep_secret(self, scope: str, name: str, make: Callable[[], str]) -> str:
-        """The secret ``scope``/``name``, made with ``make()`` and stored if there is none."""
-        ...
 
 
 class MemorySecrets:

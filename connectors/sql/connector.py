@@ -105,7 +105,8 @@ SNAPSHOT_PAGE = 1000
 _WRITE = "syncbus_write"
 
 CAPABILITIES = Capabilities(
-    change_tracking=True, deletes_tracked=True, alternate_keys=True, max_batch=1000
+    change_tracking=True, deletes_tracked=True, alternate_keys=True, max_batch=1000,
+    tracking_setup=True,
 )
 
 
@@ -143,7 +144,8 @@ class SqlConnector:
 
     @property
     def capabilities(self) -> Capabilities:
-        """Change tracking with deletes, alternate (unique) keys, batches up to 1000."""
+        """Change tracking with deletes (set up by ``prepare_tracking``), alternate (unique)
+        keys, batches up to 1000."""
         return CAPABILITIES
 
     @property
