@@ -24,7 +24,6 @@ from bus.ops.schema_pull import link_config, pull_schema
 from bus.state.store import StateStore
 from bus.worker.worker import Worker
 from connectors.base import BusError, ConfigError
-from schemas.config import SqlConnection
 
 __all__ = ["config_app", "register", "schema_app"]
 
@@ -196,15 +195,15 @@ def pull_command(
             typer.echo(f"{option} {name}: no such connection in {config} "
                        f"(known: {', '.join(conns)})")
             raise typer.Exit(EXIT_CONFIG)
-    target = conns[into]
-    if not isinstance(target, SqlConnection):
-        typer.echo(f"--into {into}: is a {target.type} connection; schema pull creates tables "
-                   "in a sql connection")
-        raise typer.Exit(EXIT_CONFIG)
     wanted = [e.strip() for e in entities.split(",") if e.strip()] if entities else None
     worker = Worker(loaded.config)
     try:
         worker.open_connectors()
+        target = worker.connectors[into]
+        if not target.capabilities.table_creation:
+            typer.echo(f"--into {into}: is a {conns[into].type} connection, which cannot create "
+                       "tables; schema pull creates tables in a sql connection")
+            raise typer.Exit(EXIT_CONFIG)
         result = pull_schema(worker.connectors[from_], from_, target, entities=wanted,
                              dry_run=dry_run)
     except BusError as exc:

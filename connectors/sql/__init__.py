@@ -2,8 +2,9 @@
 
 Modules: ``connector`` (the public ``SqlConnector``), ``tracking`` with its two
 dialects ``sqlite`` and ``postgres`` (change tracking setup and the change feed),
-``writer`` (batched upserts and deletes), ``schema`` (reflection), ``coerce``
-(column types and value conversion) and ``errors`` (driver errors → syncbus errors).
+``writer`` (batched upserts and deletes), ``schema`` (reflection), ``ddl`` (tables
+created from other systems' metadata), ``coerce`` (column types and value conversion)
+and ``errors`` (driver errors → syncbus errors).
 """
 
 from __future__ import annotations

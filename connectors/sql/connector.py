@@ -16,6 +16,8 @@ Features
     * ``fetch``: current rows by primary key or any unique key, one ``IN`` query per
       chunk of keys, in exactly the value form of ``read_changes``.
     * ``describe``: reflected tables with portable types, keys, unique keys and FKs.
+    * ``create_tables``: tables and columns made from another system's metadata
+      (``syncbus schema pull``; see ``connectors/sql/ddl.py``), never dropped or altered.
     * Errors from the one tree of ``connectors.base``; passwords never in messages.
 
 Configuration
@@ -77,7 +79,9 @@ from connectors.base import (
     Version,
     WriteRow,
 )
-from connectors.sql.errors import translate_errors
+from connectors.features import TableChange
+from connectors.sql.ddl import TableMaker
+from connectors.sql.errors import db_error_text, translate_errors
 from connectors.sql.fetch import Fetcher
 from connectors.sql.postgres import PostgresTracker
 from connectors.sql.schema import VERSION_COLUMN, Catalog, TableInfo
@@ -106,7 +110,7 @@ _WRITE = "syncbus_write"
 
 CAPABILITIES = Capabilities(
     change_tracking=True, deletes_tracked=True, alternate_keys=True, max_batch=1000,
-    tracking_setup=True,
+    tracking_setup=True, table_creation=True,
 )
 
 
@@ -138,6 +142,10 @@ class SqlConnector:
         self._catalog = Catalog(self._engine, schema, name, self._tracker.probe)
         self._writer = Writer(self._catalog, self._write_connection, dialect, name, self._url)
         self._fetcher = Fetcher(self._catalog, self._engine, self._tracker, self._errors, name)
+        password = self._url.password
+        secret = password if isinstance(password, str) and password else None
+        self._tables = TableMaker(self._engine, self._write_connection, schema,
+                                  lambda exc: db_error_text(exc, secret=secret))
 
     def __repr__(self) -> str:
         return f"<SqlConnector {self.name!r} {self._url.render_as_string(hide_password=True)}>"
@@ -145,7 +153,7 @@ class SqlConnector:
     @property
     def capabilities(self) -> Capabilities:
         """Change tracking with deletes (set up by ``prepare_tracking``), alternate (unique)
-        keys, batches up to 1000."""
+        keys, batches up to 1000; creates tables from metadata (``create_tables``)."""
         return CAPABILITIES
 
     @property
@@ -198,6 +206,35 @@ class SqlConnector:
             names = list(entities) if entities is not None else self._catalog.table_names(conn)
             infos = [self._catalog.refresh(conn, name) for name in names]
         return [info.describe() for info in infos]
+
+    def pulled_entities(self, source: str) -> list[str]:
+        """Entities earlier ``create_tables`` calls took from ``source``, by name.
+
+        Raises:
+            ConnectorUnavailable: the database cannot be reached.
+        """
+        with self._errors():
+            return self._tables.pulled(source)
+
+    def create_tables(self, source: str, entities: Sequence[EntityInfo], *,
+                      dry_run: bool = False) -> list[TableChange]:
+        """Create or extend one table per entity (``connectors/sql/ddl.py``).
+
+        Args:
+            source: The connection the entities come from (recorded in the database).
+            entities: Their metadata.
+            dry_run: Plan and report only; change nothing.
+
+        Returns:
+            The changes in order, then one failed change per table the database refused.
+
+        Raises:
+            ConnectorUnavailable: the database cannot be reached.
+        """
+        with self._errors():
+            changes = self._tables.create(source, entities, dry_run=dry_run)
+        self._catalog.invalidate()
+        return changes
 
     # ------------------------------------------------------------------ change feed
 

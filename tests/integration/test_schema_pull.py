@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 
 from bus.cli import app
 from bus.cli.main import cli
-from bus.ops.schema_pull import PULLS_TABLE
 from connectors.business_central.emulator import BusinessCentralEmulator
 from connectors.dataverse.emulator import DataverseEmulator, Limits
 from connectors.dataverse.emulator.model import ACCOUNT, attribute, entity
 from connectors.dataverse.emulator.seed import seed
 from connectors.sql.coerce import portable_type
+from connectors.sql.ddl import PULLS_TABLE
 
 pytestmark = pytest.mark.integration
 

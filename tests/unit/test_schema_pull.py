@@ -7,11 +7,14 @@ import re
 import pytest
 from sqlalchemy.dialects import postgresql, sqlite
 
-from bus.ops.schema_pull import _index_name, column_type, link_config
-from connectors.base import EntityInfo, FieldInfo
+from bus.ops.schema_pull import link_config, table_creator
+from connectors.base import ConfigError, EntityInfo, FieldInfo
 from connectors.business_central.metadata import _PORTABLE as BC_TYPES
+from connectors.dataverse import DataverseConnector
 from connectors.dataverse.metadata import _PORTABLE as DATAVERSE_TYPES
+from connectors.sql import SqlConnector
 from connectors.sql.coerce import PORTABLE_TYPES
+from connectors.sql.ddl import _index_name, column_type
 from tests.syncenv import ROOT
 
 DIALECTS = {"postgresql": postgresql.dialect(), "sqlite": sqlite.dialect()}
@@ -72,3 +75,16 @@ def test_index_names_fit_postgresql():
     long = _index_name("ux", "a" * 60, ["b" * 30, "c" * 30])
     assert len(long) == 63 and long != _index_name("ux", "a" * 60, ["b" * 30, "d" * 30])
     assert _index_name("ix", "account", ["primarycontactid"]) == "ix_account_primarycontactid"
+
+
+def test_only_a_connector_that_declares_table_creation_is_a_target(tmp_path):
+    lite = SqlConnector("wh", f"sqlite:///{tmp_path}/wh.db")
+    crm = DataverseConnector("crm", url="https://crm.example", tenant_id="t", client_id="c",
+                             client_secret="s", state_dir=str(tmp_path))
+    try:
+        assert table_creator(lite) is lite
+        with pytest.raises(ConfigError, match="connection 'crm' cannot create tables"):
+            table_creator(crm)
+    finally:
+        lite.close()
+        crm.close()
