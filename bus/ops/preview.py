@@ -35,16 +35,13 @@ Nothing is written anywhere:
   when it does not exist yet;
 * nothing is published; the broker is only asked how many changes already wait in the
   direction's queues (a passive declare), which a sync applies too;
-* connectors that move bookkeeping of their own while reading changes (Dataverse's key
-  set, Business Central's key index) read through a scratch copy of it, deleted
-  afterwards; Business Central webhook subscriptions are not touched.
+* connectors that move bookkeeping of their own while reading changes (they declare
+  ``Capabilities.scratch_copy``: Dataverse's key set, Business Central's key index and
+  webhook subscriptions) read through a scratch copy of it, deleted afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import sqlite3
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,22 +60,18 @@ from connectors.base import (
     BrokerConnectionError,
     ChangeRecord,
     ConfigError,
+    Connector,
     ConnectorUnavailable,
     FetchedRecord,
 )
+from connectors.features import ScratchCopyable
 from connectors.registry import open_connector
 from consumers.apply import LinkApplier, Planned
 from consumers.flow import Flow, flows
 from consumers.intake import Intake
 from consumers.twoway import DELETED, LinkSides, content_hash, normalize, winner
 from producers.detector import change_event
-from schemas.config import (
-    BusinessCentralConnection,
-    ConnectionConfig,
-    DataverseConnection,
-    SoftDelete,
-    SyncConfig,
-)
+from schemas.config import ConnectionConfig, SoftDelete, SyncConfig
 from schemas.event import canonical_key, dumps, json_value, routing_key
 
 __all__ = ["ACTIONS", "DEFAULT_LIMIT", "FieldDiff", "PreviewCounts", "PreviewRecord",
@@ -195,9 +188,8 @@ def preview(config: SyncConfig, link: str, direction: str | None = None,
         worker = Worker(config)
         needed = {flow.source.connection, flow.target.connection}
         for name in sorted(needed):
-            settings = _scratch_settings(name, config.connections[name], Path(scratch),
-                                         report.notes)
-            worker.connectors[name] = open_connector(name, settings)
+            worker.connectors[name] = _open_scratch(name, config.connections[name],
+                                                    Path(scratch), report.notes)
         state = _open_state(config.state.url)
         try:
             _Previewer(flow, worker, state, report, limit).run()
@@ -426,57 +418,19 @@ def _queued(url: str, queues: Sequence[str]) -> int | None:
 # -- scratch copies of connector bookkeeping ---------------------------------------------
 
 
-def _scratch_settings(name: str, settings: ConnectionConfig, scratch: Path,
-                      notes: list[str]) -> ConnectionConfig:
-    """``settings`` with the connector's own bookkeeping moved to a scratch copy.
-
-    Reading changes moves it on (Dataverse: the key set that finds deletes after an
-    expired delta token; Business Central: the key index and its tombstones, and webhook
-    subscriptions), so the preview reads through a copy that is thrown away.
-    """
-    if isinstance(settings, DataverseConnection):
-        copy = scratch / f"dataverse-{name}"
-        copy.mkdir()
-        for suffix in ("keys.db", "tokens.json"):
-            original = Path(settings.state_dir) / f"{name}.{suffix}"
-            if original.exists():
-                _copy_file(original, copy / original.name)
-        return settings.model_copy(update={"state_dir": str(copy)})
-    if isinstance(settings, BusinessCentralConnection):
-        index = settings.index_url or f"sqlite:///.syncbus/bc-{name}.db"
-        copy = scratch / f"bc-{name}.db"
-        parsed = sa.make_url(index)
-        if parsed.get_backend_name() == "sqlite" and parsed.database:
-            if Path(parsed.database).exists():
-                _copy_file(Path(parsed.database), copy)
-        else:
-            notes.append(f"{name}: the key index is at {redact_url(index)}, not copied: "
-                         "deletions it holds are not previewed")
-        entities = {e: s.model_copy(update={"webhook": False})
-                    for e, s in settings.entities.items()}
-        hooked = sorted(e for e, s in settings.entities.items() if s.webhook and not s.sync_deletion)
-        if hooked:
-            notes.append(f"{name}: deletions reported by webhooks ({', '.join(hooked)}) are not "
-                         "previewed (a preview subscribes to nothing)")
-        return settings.model_copy(update={"index_url": f"sqlite:///{copy}", "webhooks": None,
-                                           "entities": entities})
-    return settings
-
-
-def _copy_file(original: Path, copy: Path) -> None:
-    """Copy a file; a SQLite database through the backup API (consistent while in use)."""
-    if original.suffix != ".db":
-        shutil.copy2(original, copy)
-        return
+def _open_scratch(name: str, settings: ConnectionConfig, scratch: Path,
+                  notes: list[str]) -> Connector:
+    """The connector of ``name``, reading through a scratch copy of its own bookkeeping
+    when it keeps any (``Capabilities.scratch_copy``); what the copy leaves out is noted."""
+    connector = open_connector(name, settings)
+    if not connector.capabilities.scratch_copy:
+        return connector
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{original}?mode=ro", uri=True)) as src, \
-                contextlib.closing(sqlite3.connect(copy)) as dst:
-            src.backup(dst)
-    except sqlite3.Error:
-        for suffix in ("", "-wal", "-shm"):
-            part = original.with_name(original.name + suffix)
-            if part.exists():
-                shutil.copy2(part, copy.with_name(copy.name + suffix))
+        copy = cast(ScratchCopyable, connector).scratch_copy(scratch)
+    finally:
+        connector.close()
+    notes += [redact_text(note) for note in copy.notes]
+    return open_connector(name, copy.settings)
 
 
 def _jsonable(value: Any) -> Any:

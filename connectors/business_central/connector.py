@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -65,7 +66,12 @@ from connectors.base import (
 from connectors.business_central.client import BCClient
 from connectors.business_central.detection import ChangeFeed, FeedSettings
 from connectors.business_central.fetch import Fetcher
-from connectors.business_central.index import KeyIndex
+from connectors.business_central.index import (
+    KeyIndex,
+    copy_index,
+    default_index_url,
+    shown_url,
+)
 from connectors.business_central.metadata import PageInfo, entity_info, parse_metadata
 from connectors.business_central.webhooks import (
     SECRET_SCOPE,
@@ -82,7 +88,7 @@ from connectors.business_central.writer import (
     fail_on_conflict,
     retry_once,
 )
-from connectors.features import SecretStore
+from connectors.features import ScratchCopy, SecretStore
 from schemas.config import BusinessCentralConnection
 
 __all__ = ["BusinessCentralConnector"]
@@ -142,13 +148,14 @@ class BusinessCentralConnector:
     @property
     def capabilities(self) -> Capabilities:
         """Change tracking, alternate keys, batches of ``batch_size`` (≤ 100), 20 req/s;
-        a setup step (checks, subscriptions), change listeners, webhooks when configured."""
+        a setup step (checks, subscriptions), change listeners, webhooks when configured,
+        a key index that can be read through a scratch copy."""
         deletes = any(s.sync_deletion or s.webhook for s in self.config.entities.values())
         return Capabilities(change_tracking=True, deletes_tracked=deletes, alternate_keys=True,
                             max_batch=self.config.batch_size, rate_limit=RATE_LIMIT,
                             version_types=(int, str),  # row versions, or ETags
                             tracking_setup=True, change_listener=True,
-                            webhooks=self.config.webhooks is not None)
+                            webhooks=self.config.webhooks is not None, scratch_copy=True)
 
     # -- metadata -----------------------------------------------------------------------
 
@@ -295,6 +302,28 @@ class BusinessCentralConnector:
             PermanentError: the credentials are refused.
         """
         return self.writer.delete(self.page(entity), keys)
+
+    def scratch_copy(self, scratch_dir: Path) -> ScratchCopy:
+        """Settings that use a copy of the key index, in ``scratch_dir``, and no webhooks.
+
+        Reading changes moves the key index on (records seen, tombstones) and makes or
+        renews webhook subscriptions, so ``syncbus preview`` reads through a copy and
+        subscribes to nothing.
+        """
+        index, copy = self._index_url(), scratch_dir / f"bc-{self.name}.db"
+        notes = []
+        if not copy_index(index, copy):
+            notes.append(f"{self.name}: the key index is at {shown_url(index)}, not copied: "
+                         "deletions it holds are not previewed")
+        entities = {e: s.model_copy(update={"webhook": False})
+                    for e, s in self.config.entities.items()}
+        hooked = sorted(e for e, s in self.config.entities.items() if s.webhook and not s.sync_deletion)
+        if hooked:
+            notes.append(f"{self.name}: deletions reported by webhooks ({', '.join(hooked)}) are "
+                         "not previewed (a preview subscribes to nothing)")
+        settings = self.config.model_copy(update={"index_url": f"sqlite:///{copy}",
+                                                  "webhooks": None, "entities": entities})
+        return ScratchCopy(settings, tuple(notes))
 
     # -- webhooks ----------------------------------------------------------------------
 
@@ -470,9 +499,11 @@ class BusinessCentralConnector:
 
     def _key_index(self) -> KeyIndex:
         if self._index is None:
-            url = self.config.index_url or f"sqlite:///.syncbus/bc-{self.name}.db"
-            self._index = KeyIndex(self.name, url)
+            self._index = KeyIndex(self.name, self._index_url())
         return self._index
+
+    def _index_url(self) -> str:
+        return self.config.index_url or default_index_url(self.name)
 
     def _keep_subscribed(self, entity: str, page: PageInfo) -> None:
         if not self._settings(entity).webhook:

@@ -35,9 +35,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from connectors._scratch import copy_file
 from connectors.base import ConfigError, ConnectorUnavailable
 
-__all__ = ["IndexRow", "KeyIndex", "Tombstone"]
+__all__ = ["IndexRow", "KeyIndex", "Tombstone", "copy_index", "default_index_url",
+           "shown_url"]
 
 _META = sa.MetaData()
 _KEYS = sa.Table(
@@ -276,3 +278,28 @@ class KeyIndex:
         return {"connection": self.connection, "entity": entity, "page_key": row.page_key,
                 "change_key": json.dumps(row.change_key, sort_keys=True),
                 "version": row.version, "deleted_seq": None}
+
+
+def default_index_url(connection: str) -> str:
+    """Where the key index of ``connection`` lives when ``index_url`` is not set."""
+    return f"sqlite:///.syncbus/bc-{connection}.db"
+
+
+def copy_index(url: str, copy: Path) -> bool:
+    """Copy the key index at ``url`` into the SQLite file ``copy``; the original is only read.
+
+    Returns:
+        False when the index is not a SQLite file (a shared database is not copied);
+        True otherwise, also when the file does not exist yet (there is nothing to copy).
+    """
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return False
+    if Path(parsed.database).exists():
+        copy_file(Path(parsed.database), copy)
+    return True
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be shown: its password hidden."""
+    return sa.make_url(url).render_as_string(hide_password=True)

@@ -45,6 +45,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from connectors._http import HttpPermanentError, HttpRecordRejected
+from connectors._scratch import copy_file
 from connectors.base import (
     Capabilities,
     ChangePage,
@@ -63,6 +64,7 @@ from connectors.dataverse.fetch import Fetcher
 from connectors.dataverse.keyset import KeySet
 from connectors.dataverse.metadata import ENTITY_QUERY, TableMeta, parse_table
 from connectors.dataverse.writer import Writer
+from connectors.features import ScratchCopy
 from schemas.config import DataverseConnection
 
 __all__ = ["DataverseConnector"]
@@ -106,9 +108,11 @@ class DataverseConnector:
 
     @property
     def capabilities(self) -> Capabilities:
-        """Change tracking with deletes, alternate keys, ``batch_size`` per ``$batch``."""
+        """Change tracking with deletes, alternate keys, ``batch_size`` per ``$batch``; its
+        key set and token cache can be read through a scratch copy."""
         return Capabilities(change_tracking=True, deletes_tracked=True, alternate_keys=True,
-                            max_batch=self.config.batch_size, rate_limit=self.config.rate_limit)
+                            max_batch=self.config.batch_size, rate_limit=self.config.rate_limit,
+                            scratch_copy=True)
 
     @property
     def reader(self) -> ChangeReader:
@@ -285,6 +289,20 @@ class DataverseConnector:
             if self._keys is not None:
                 self._keys.close()
             self._keys = self._reader = None
+
+    def scratch_copy(self, scratch_dir: Path) -> ScratchCopy:
+        """Settings that use a copy of the key set and token cache, in ``scratch_dir``.
+
+        Reading changes after an expired delta token moves the key set on (it finds
+        the deletes of the gap), so ``syncbus preview`` reads through a copy.
+        """
+        copy = scratch_dir / f"dataverse-{self.name}"
+        copy.mkdir()
+        for suffix in ("keys.db", "tokens.json"):
+            original = self._state_path(suffix)
+            if original.exists():
+                copy_file(original, copy / original.name)
+        return ScratchCopy(self.config.model_copy(update={"state_dir": str(copy)}))
 
     def _state_path(self, suffix: str) -> Path:
         return Path(self.config.state_dir) / f"{self.name}.{suffix}"
