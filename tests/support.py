@@ -6,21 +6,27 @@ package and pytest puts the repository root on ``sys.path``).
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
 __all__ = [
     "WaitTimeout",
+    "in_ci",
     "pick_free_port",
     "port_is_open",
+    "skip_or_fail_in_ci",
     "wait_for",
     "wait_for_port",
 ]
+
+#: Values of ``$CI`` that do not mean "running in CI".
+_NOT_CI = frozenset({"", "0", "false", "no", "off"})
 
 
 class WaitTimeout(AssertionError):
@@ -74,6 +80,29 @@ def wait_for(
             detail = f"last error: {last_exc!r}" if last_exc else f"last value: {last_value!r}"
             raise WaitTimeout(f"timed out after {timeout:.1f}s waiting for {text} ({detail})") from last_exc
         time.sleep(min(interval, remaining))
+
+
+def in_ci() -> bool:
+    """True when running in CI (``$CI`` set, as CI runners do, e.g. ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() not in _NOT_CI
+
+
+def skip_or_fail_in_ci(reason: str) -> NoReturn:
+    """Skip the calling test with ``reason`` on a developer machine; fail it in CI.
+
+    ``tests/run`` installs what the tests need on CI's machine, so there a missing tool
+    or service is a broken set-up that must show, not a test quietly left out. Say in
+    ``reason`` what is missing and how to get it.
+
+    Raises:
+        pytest.skip.Exception: not in CI.
+        pytest.fail.Exception: in CI (see :func:`in_ci`).
+    """
+    import pytest  # noqa: PLC0415 - the helpers above stay usable without pytest
+
+    if in_ci():
+        pytest.fail(f"{reason} (a skip in CI is a failure: CI=true)", pytrace=False)
+    pytest.skip(reason)
 
 
 def port_is_open(host: str, port: int, timeout: float = 1.0) -> bool:

@@ -7,7 +7,14 @@ import time
 
 import pytest
 
-from tests.support import WaitTimeout, pick_free_port, port_is_open, wait_for
+from tests.support import (
+    WaitTimeout,
+    in_ci,
+    pick_free_port,
+    port_is_open,
+    skip_or_fail_in_ci,
+    wait_for,
+)
 
 
 def test_wait_for_returns_the_first_truthy_value() -> None:
@@ -58,3 +65,22 @@ def test_pick_free_port_gives_a_bindable_port_outside_the_ephemeral_range() -> N
         sock.bind(("127.0.0.1", port))
         sock.listen()
         assert port_is_open("127.0.0.1", port)
+
+
+@pytest.mark.parametrize(("value", "ci"), [("true", True), ("1", True), ("yes", True),
+                                           ("", False), ("0", False), ("false", False)])
+def test_in_ci_reads_the_ci_variable(monkeypatch: pytest.MonkeyPatch, value: str, ci: bool) -> None:
+    monkeypatch.setenv("CI", value)
+    assert in_ci() is ci
+
+
+def test_a_missing_tool_skips_on_a_developer_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no frobnicator: apt-get install frob"):
+        skip_or_fail_in_ci("no frobnicator: apt-get install frob")
+
+
+def test_a_missing_tool_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no frobnicator: apt-get install frob"):
+        skip_or_fail_in_ci("no frobnicator: apt-get install frob")
