@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from bus.state.store import StateStore
+from tests.support import wait_for
 
 
 @pytest.fixture
@@ -30,8 +29,8 @@ def test_a_lease_is_exclusive_until_released_or_expired(state):
     assert state.lease_owner("crm.customers") == "a"
     state.release_lease("crm.customers", "a")
     assert state.acquire_lease("crm.customers", "b", ttl=0.2)
-    time.sleep(0.3)
-    assert state.lease_owner("crm.customers") is None
+    wait_for(lambda: state.lease_owner("crm.customers") is None, timeout=10, interval=0.05,
+             message="b's 0.2 s lease to expire")
     assert state.acquire_lease("crm.customers", "a", ttl=60)
 
 
