@@ -14,6 +14,7 @@ from bus.amqp.history import HistoryUnavailable, read_history
 from bus.amqp.topology import HISTORY_STREAM, declare_history_stream
 from bus.cli import app
 from schemas.config import BrokerConfig
+from tests.support import wait_for
 from tests.syncenv import insert_items, make_env
 
 pytestmark = pytest.mark.integration
@@ -43,9 +44,12 @@ def synced_twice(tmp_path, amqp_url):
     lines: list[str] = []
     assert app.setup(env.config_path, echo=lines.append) == app.EXIT_OK, lines
     _sync(env)
-    time.sleep(1.2)  # the stream's timestamps are whole seconds
+    stored = time.time()  # the broker stamped the first sync's events at or before this
+    # A reader starts at whole seconds: begin the second sync in a later second than the
+    # first one's events (the stream's timestamps are the behaviour under test).
+    wait_for(lambda: int(time.time()) > int(stored), timeout=5, interval=0.01,
+             message="the clock to reach the next whole second")
     between = datetime.now(UTC)
-    time.sleep(0.2)
     with src.begin() as conn:
         conn.execute(sa.text("UPDATE items SET qty = -1 WHERE id <= 5"))
         conn.execute(sa.text("DELETE FROM items WHERE id IN (19, 20)"))
