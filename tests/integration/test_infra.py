@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -17,7 +16,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from tests.rabbit_node import RABBIT_QQ_REGISTRY_FLUSH_SECONDS, RabbitNode
+from tests.rabbit_node import RabbitNode
 from tests.support import port_is_open, wait_for
 
 pytestmark = pytest.mark.integration
@@ -225,8 +224,8 @@ def test_private_node_keeps_messages_across_kill(rabbit_node: RabbitNode) -> Non
     # table that is written to disk only after 500 ms without writes. A crash inside
     # that window makes the node come back with a *new, empty, leaderless* member for
     # the queue (every operation times out after 60 s, the message is gone). A real
-    # broker has its queues long before it crashes, so give it that time here.
-    time.sleep(RABBIT_QQ_REGISTRY_FLUSH_SECONDS)
+    # broker has written its queues long before it crashes: have this one write them now.
+    rabbit_node.sync_registries()
     beam_pid = rabbit_node.beam_pid
     assert beam_pid is not None
 
