@@ -6,6 +6,7 @@ Reading (paging, delta sync, expired delta tokens), writing ($batch outcomes, bi
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import threading
 import time
@@ -23,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from connectors.base import Op, OutcomeStatus, PermanentError, SchemaError, WriteRow
 from connectors.dataverse import DataverseConnector, login
 from connectors.dataverse.emulator import DataverseEmulator, Limits
+from connectors.dataverse.emulator.app import API_PREFIX
 from connectors.dataverse.emulator.model import attribute, entity
 from connectors.identity import DEFAULT_CLIENT_ID, DEFAULT_TENANT
 from schemas.config import DataverseConnection
@@ -311,14 +313,66 @@ def test_transient_faults_are_retried_then_reported_with_retry_after(emu, connec
     assert crm.delete("account", [{"accountnumber": "F-1"}, {"accountnumber": "F-9"}])[1].ok
 
 
+class _LateFirstWrite:
+    """ASGI middleware under the emulator's fault injector: the first Web API write is
+    read, then held until a later write has been answered, and only then applied.
+
+    So the client has certainly timed out on it and retried, and the retry was applied
+    first; :attr:`done` is set once the held write has been answered too (with
+    :attr:`status`, which no client reads).
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.holding = False
+        self.writes_answered = 0
+        self.status: int | None = None
+        self.done = threading.Event()
+
+    async def __call__(self, scope, receive, send):
+        write = (scope["type"] == "http" and scope["method"] in ("POST", "PATCH")
+                 and scope["path"].startswith(API_PREFIX))
+        if not write or self.holding:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.writes_answered += write
+            return
+        self.holding = True
+        body, more = b"", True
+        while more:  # read it now: the client will have gone when it is applied
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        while not self.writes_answered:
+            await asyncio.sleep(0.01)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def record(message):
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, replay, record)
+        finally:
+            self.done.set()
+
+
 def test_time_outs_are_retried_and_upserts_stay_idempotent(emu, connect):
     crm = connect(timeout=0.5)
     crm.whoami()
-    emu.faults.latency = 1.0  # the first attempt times out (and is applied late, server-side)
-    threading.Timer(0.6, lambda: setattr(emu.faults, "latency", 0.0)).start()
+    late = emu.faults.app = _LateFirstWrite(emu.faults.app)
     outcomes = crm.upsert("account", [WriteRow({"accountnumber": "T-1"}, {"name": "slow"})])
     assert [o.status for o in outcomes] == [OutcomeStatus.APPLIED]
-    time.sleep(0.6)
+    assert late.done.wait(10), "the timed-out first attempt was never applied"
+    assert late.status is not None and late.status < 300, late.status  # applied, late
     rows = [r for r in emu.store.tables["account"].rows.values() if r["accountnumber"] == "T-1"]
     assert len(rows) == 1 and rows[0]["name"] == "slow"
 
@@ -333,7 +387,9 @@ def test_tokens_are_renewed_before_expiry_and_after_revocation(cert_dir, connect
         issued = emulator.entra.tokens_issued
         crm.whoami()
         assert emulator.entra.tokens_issued == issued  # cached
-        time.sleep(2.6)  # renewed ahead of expiry (a fifth of a short lifetime)
+        # The clock is what is tested: a token is renewed once less than a fifth of its
+        # 3 s lifetime is left, so 2.4 s after it was issued, ahead of its expiry.
+        time.sleep(2.6)
         crm.whoami()
         assert emulator.entra.tokens_issued == issued + 1
         emulator.entra.expire_all_tokens()

@@ -512,6 +512,8 @@ def test_service_protection_limits_answer_429_with_retry_after(cert_dir):
         assert 1 <= int(refused.headers["Retry-After"]) <= 3
         assert _error(refused) == {"code": "0x80072322", "message": "Number of requests exceeded "
                                    "the limit of 5 over time window of 3 seconds."}
+        # Honouring Retry-After is what is tested: the whole seconds it says, rounded up,
+        # are enough for the oldest request to leave the window.
         time.sleep(int(refused.headers["Retry-After"]))
         assert api.get("WhoAmI").status_code == 200
         assert emulator.throttled == 2
