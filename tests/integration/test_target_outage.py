@@ -54,6 +54,7 @@ def _depth(amqp_url: str, queues: list[str]) -> int:
     return total
 
 
+@pytest.mark.slow  # the outage itself lasts OUTAGE seconds: heartbeats need real time
 def test_a_target_down_for_minutes_waits_in_the_retry_queues_not_in_the_consumer(
         tmp_path, amqp_url, emu, monkeypatch):
     monkeypatch.setenv("DV_SECRET", emu.connection()["client_secret"])
