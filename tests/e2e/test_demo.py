@@ -91,6 +91,7 @@ def _venv_script(bin_dir: Path) -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_the_demo_plays_every_step_and_leaves_the_three_systems_equal(tmp_path, amqp_url):
     # Run as after the README's one-liner: .venv/bin/syncbus, with syncbus not on the PATH.
     _venv_script(tmp_path / ".venv" / "bin")
@@ -200,6 +201,7 @@ class _Terminal:
         return code
 
 
+@pytest.mark.slow
 def test_keep_running_shows_the_live_view_and_leaves_the_bus_up_until_ctrl_c(tmp_path, amqp_url):
     demo = tmp_path / "demo"
     config_path = demo / "sync.yaml"

@@ -48,6 +48,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
                           capture_output=True, timeout=90)
 
 
+@pytest.mark.slow
 def test_the_walkthrough_and_the_operations_commands_run_as_written(tmp_path, amqp_url):
     walkthrough = _section("Walkthrough")
     [emulate, steps] = _blocks(walkthrough, "sh")

@@ -266,6 +266,7 @@ def test_target_outage_is_retried_with_delay_and_delivered_once_it_is_back(
     assert not thread.is_alive()
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_work_and_only_one_polls_each_source(tmp_path, pg_url, amqp_url):
     env = make_env(tmp_path, source_url=f"sqlite:///{tmp_path}/lite.db", target_url=pg_url,
                    amqp_url=amqp_url, link={"batch_size": 100, "page_size": 500})
