@@ -100,6 +100,7 @@ def skip_or_fail_in_ci(reason: str) -> NoReturn:
     """
     import pytest  # noqa: PLC0415 - the helpers above stay usable without pytest
 
+    __tracebackhide__ = True  # report the calling test's line, not this one
     if in_ci():
         pytest.fail(f"{reason} (a skip in CI is a failure: CI=true)", pytrace=False)
     pytest.skip(reason)
