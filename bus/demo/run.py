@@ -74,7 +74,7 @@ _HUB_ACCOUNTS = (
     ("HUB-0002", "Danube River Freight", "Bratislava", "+421 2 5443 8800", "Milan", "Hruska"),
     ("HUB-0003", "Morava Organic Foods", "Brno", "+420 5 4321 0099", "Petra", "Dvorakova"),
 )
-_COMPOSE = Path(__file__).resolve().parents[1] / "docker" / "compose.yml"
+_COMPOSE = Path(__file__).resolve().parents[2] / "docker" / "compose.yml"
 #: Where the demo works unless ``--dir`` says otherwise.
 DEFAULT_DIR = Path(".syncbus/demo")
 #: The RabbitMQ the demo uses unless told otherwise.
