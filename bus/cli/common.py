@@ -1,5 +1,5 @@
 """What the command modules of the CLI share: the ``--config`` option and loading the
-config, and logging set-up.
+config, logging set-up, and the command-group class.
 
 Cheap to import (typer only), like the command modules themselves: every command imports
 its implementation inside the command function, so that ``syncbus --help`` starts at
@@ -11,9 +11,10 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from bus.config.load import LoadedConfig
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_AMQP_URL",
     "EXIT_CONFIG",
     "Echo",
+    "Group",
     "configure_logging",
     "debug_logging",
     "echo_err",
@@ -45,6 +47,22 @@ Echo = Callable[[str], None]
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")
 ]
+
+
+class Group(TyperGroup):
+    """A command group whose ``--help`` flag is False, not None, when not given.
+
+    typer converts an option's value with a pydantic ``TypeAdapter`` built on first use
+    (importing pydantic takes about 0.1 s), except a bool flag that already is a bool. A
+    group's ``--help`` is processed whenever one of its commands is called, so without
+    this ``syncbus status --help`` imported pydantic to convert the group's unset flag.
+    """
+
+    def get_help_option(self, ctx: Any) -> Any:  # typer's own (vendored) click types
+        option = super().get_help_option(ctx)
+        if option is not None and option.default is None:
+            option.default = False
+        return option
 
 
 class _Logging:

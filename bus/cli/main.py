@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 from bus.cli.common import (
     AMQP_URL_ENV,
     DEFAULT_AMQP_URL,
     ConfigOpt,
+    Group,
     debug_logging,
     redacted_traceback,
     setup_logging,
@@ -42,7 +42,7 @@ from bus.cli.tx import tx
 __all__ = ["main"]
 
 
-class _Commands(TyperGroup):
+class _Commands(Group):
     """The command group: reports RabbitMQ being unusable in one line (exit code 4)."""
 
     def invoke(self, ctx: Any) -> Any:  # typer's own (vendored) click.Context

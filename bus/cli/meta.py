@@ -17,6 +17,7 @@ import typer
 from bus.cli.common import (
     EXIT_CONFIG,
     ConfigOpt,
+    Group,
     configure_logging,
     echo_err,
     load_or_exit,
@@ -43,6 +44,7 @@ config_app = typer.Typer(
         "  syncbus config import exported.yaml -c sync.yaml --replace"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
 schema_app = typer.Typer(
@@ -53,6 +55,7 @@ schema_app = typer.Typer(
         "  syncbus schema diff -c sync.yaml            # exit 1 when a link drifted"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from bus.cli.common import ConfigOpt
+from bus.cli.common import ConfigOpt, Group
 
 __all__ = ["link", "register"]
 
@@ -23,6 +23,7 @@ link = typer.Typer(
         "  syncbus link resume customers -c sync.yaml"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
 

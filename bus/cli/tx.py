@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bus.cli.common import EXIT_CONFIG, ConfigOpt, load_or_exit
+from bus.cli.common import EXIT_CONFIG, ConfigOpt, Group, load_or_exit
 
 if TYPE_CHECKING:
     from bus.config.load import LoadedConfig
@@ -50,6 +50,7 @@ tx = typer.Typer(
         "  syncbus tx reconcile -c sync.yaml                 # index vs dead-letter log"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
 LinkOpt = Annotated[str | None, typer.Option(help="Only this link.")]
