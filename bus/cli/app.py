@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,10 +17,8 @@ import structlog
 
 from bus.amqp.errors import EXIT_BROKER, BrokerUnavailable, broker_errors
 from bus.config.io import inline_secrets
-from bus.config.load import LoadedConfig, load_config
-from bus.config.validate import check_broker, check_urls, link_notes, validate_config
-from bus.core.log import configure_logging
-from bus.core.redact import redact_text
+from bus.config.load import LoadedConfig, load_or_report, report_problems
+from bus.config.validate import check_broker, link_notes, validate_config
 from bus.worker.worker import RunSummary, Worker
 from connectors.base import BusError, ConfigError
 
@@ -31,13 +28,10 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_TIMEOUT",
-    "debug_logging",
     "demo",
     "login",
-    "redacted_traceback",
     "run",
     "setup",
-    "setup_logging",
     "summarize",
     "validate",
 ]
@@ -50,45 +44,6 @@ EXIT_CONFIG = 2
 EXIT_TIMEOUT = 3
 
 Echo = Callable[[str], None]
-
-
-class _Logging:
-    debug = False  # set by setup_logging: tracebacks of translated errors are shown
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    """Configure logging for a command (``--log-level``, ``--log-format``)."""
-    _Logging.debug = level.lower() == "debug"
-    configure_logging(level, fmt)
-
-
-def debug_logging() -> bool:
-    """True when the command runs with ``--log-level debug`` (tracebacks are shown)."""
-    return _Logging.debug
-
-
-def redacted_traceback(exc: BaseException) -> str:
-    """``exc``'s traceback as text, passwords in URLs masked."""
-    return redact_text("".join(traceback.format_exception(exc)))
-
-
-def _load(path: Path, echo: Echo) -> LoadedConfig | None:
-    try:
-        loaded = load_config(path)
-    except ConfigError as exc:
-        _report(exc.message, exc.problems, echo)
-        return None
-    problems = check_urls(loaded)
-    if problems:
-        _report(f"{path}: invalid configuration", problems, echo)
-        return None
-    return loaded
-
-
-def _report(headline: str, problems: list[str], echo: Echo) -> None:
-    echo(headline)
-    for problem in problems:
-        echo(f"  {problem}")
 
 
 def _check_live(loaded: LoadedConfig, worker: Worker, echo: Echo, *,
@@ -108,7 +63,8 @@ def _check_live(loaded: LoadedConfig, worker: Worker, echo: Echo, *,
     if tracking and not problems:
         problems = _untracked_sources(loaded, worker)
     if problems:
-        _report(f"{loaded.path}: invalid configuration ({_plural(len(problems), 'problem')})", problems, echo)
+        headline = f"{loaded.path}: invalid configuration ({_plural(len(problems), 'problem')})"
+        report_problems(ConfigError(headline, problems), echo)
         return False
     return True
 
@@ -138,7 +94,7 @@ def _with_worker(path: Path, echo: Echo, body: Callable[[LoadedConfig, Worker], 
         BrokerUnavailable: RabbitMQ cannot be used (unreachable, login refused, vhost
             missing, a permission missing).
     """
-    loaded = _load(path, echo)
+    loaded = load_or_report(path, echo, check_urls=True)
     if loaded is None:
         return EXIT_CONFIG
     return _with_loaded(loaded, echo, body, tracking=tracking)
@@ -168,7 +124,7 @@ def validate(path: Path, *, echo: Echo = print) -> int:
     Inline secrets are warnings. Exit code 2 for problems in the config, else 4 when
     RabbitMQ cannot be used as configured, else 0.
     """
-    loaded = _load(path, echo)
+    loaded = load_or_report(path, echo, check_urls=True)
     if loaded is None:
         return EXIT_CONFIG
     for secret in inline_secrets(loaded):
@@ -233,7 +189,7 @@ def run(path: Path, *, until_idle: bool = False, max_wait: float = 600.0,
 def login(path: Path, connection: str, *, echo: Echo = print) -> int:
     """Interactive operator sign-in (device code) for a Dataverse or Business Central
     connection."""
-    loaded = _load(path, echo)
+    loaded = load_or_report(path, echo, check_urls=True)
     if loaded is None:
         return EXIT_CONFIG
     config = loaded.config.connections.get(connection)

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from bus.cli.common import Group
+
 __all__ = ["emulate"]
 
 emulate = typer.Typer(
@@ -17,6 +19,7 @@ emulate = typer.Typer(
         "  syncbus emulate bc --https --seed 200 --store .syncbus/erp.sqlite"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
 Port = Annotated[int, typer.Option(help="TCP port to listen on.")]

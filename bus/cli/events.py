@@ -10,21 +10,12 @@ from typing import Annotated
 
 import typer
 
-from bus.amqp.errors import raise_if_broker
-from bus.amqp.events import AMQP_URL_ENV
-from bus.amqp.events import amqp_url as url_or_default
-from bus.amqp.history import HistoryUnavailable, Start, parse_start
-from bus.config.load import load_config
-from bus.core.log import configure_logging
-from bus.core.redact import redact_url
-from bus.ops.tail import tail
-from connectors.base import BusError, ConfigError
+from bus.cli.common import AMQP_URL_ENV, EXIT_CONFIG, echo_err, load_or_exit
 
 __all__ = ["register", "tail_command"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def register(cli: typer.Typer) -> None:
@@ -81,6 +72,14 @@ def tail_command(
 
     Quote patterns containing * or # so the shell leaves them alone.
     """
+    from bus.amqp.errors import raise_if_broker
+    from bus.amqp.events import amqp_url as url_or_default
+    from bus.amqp.history import HistoryUnavailable, Start, parse_start
+    from bus.core.log import configure_logging
+    from bus.core.redact import redact_url
+    from bus.ops.tail import tail
+    from connectors.base import BusError, ConfigError
+
     configure_logging("warning", "auto")
     start: Start | None = None
     if from_ is not None:
@@ -93,7 +92,7 @@ def tail_command(
         url_or_default(url)
     except ConfigError as exc:
         typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_CONFIG) from None
     where = "live events" if start is None else f"the history from {from_}"
     ready = f"watching {where} matching {pattern!r} at {redact_url(url_or_default(url))}; Ctrl-C stops"
     try:
@@ -114,10 +113,4 @@ def _config_url(path: Path | None) -> str | None:
     """The broker URL of the config file at ``path`` (None without a file)."""
     if path is None:
         return None
-    try:
-        return load_config(path).config.broker.url
-    except ConfigError as exc:
-        typer.echo(exc.message, err=True)
-        for problem in exc.problems:
-            typer.echo(f"  {problem}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+    return load_or_exit(path, echo=echo_err).config.broker.url

@@ -8,6 +8,11 @@ cannot be used (unreachable, login refused, vhost missing, a permission missing)
 Every command runs inside :class:`_Commands`, which turns RabbitMQ being unusable
 (:mod:`bus.amqp.errors`) into one line on stderr and exit code 4; the traceback
 only with ``--log-level debug``.
+
+Importing this module builds the whole command tree but imports no implementation: each
+command imports what it runs (:mod:`bus.cli.app`, :mod:`bus.ops`, the broker, the state
+store) when it is called, so ``syncbus --help`` starts at once
+(``tests/unit/test_cli_imports.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
-from bus.amqp.errors import EXIT_BROKER, BrokerUnavailable, explain
-from bus.cli import app
+from bus.cli.common import (
+    AMQP_URL_ENV,
+    DEFAULT_AMQP_URL,
+    ConfigOpt,
+    Group,
+    debug_logging,
+    redacted_traceback,
+    setup_logging,
+)
 from bus.cli.emulate import emulate
 from bus.cli.events import register as register_event_commands
 from bus.cli.meta import register as register_meta_commands
@@ -31,7 +42,7 @@ from bus.cli.tx import tx
 __all__ = ["main"]
 
 
-class _Commands(TyperGroup):
+class _Commands(Group):
     """The command group: reports RabbitMQ being unusable in one line (exit code 4)."""
 
     def invoke(self, ctx: Any) -> Any:  # typer's own (vendored) click.Context
@@ -40,11 +51,13 @@ class _Commands(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise  # the command has reported and chosen its exit code
         except Exception as exc:
+            from bus.amqp.errors import EXIT_BROKER, BrokerUnavailable, explain
+
             problem = exc if isinstance(exc, BrokerUnavailable) else explain(exc)
             if problem is None:
                 raise
-            if app.debug_logging():
-                typer.echo(app.redacted_traceback(exc), err=True, nl=False)
+            if debug_logging():
+                typer.echo(redacted_traceback(exc), err=True, nl=False)
             typer.echo(f"syncbus: {problem.message}", err=True)
             raise typer.Exit(EXIT_BROKER) from None
 
@@ -68,9 +81,6 @@ cli = typer.Typer(
     cls=_Commands,
 )
 
-ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")
-]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error.")]
 LogFormat = Annotated[str, typer.Option(help="auto (console on a terminal, else json), json, console.")]
 
@@ -83,7 +93,9 @@ def validate(config: ConfigOpt, log_level: LogLevel = "warning") -> None:
 
     Example: syncbus validate --config sync.yaml
     """
-    app.setup_logging(log_level, "auto")
+    from bus.cli import app
+
+    setup_logging(log_level, "auto")
     raise typer.Exit(app.validate(config, echo=typer.echo))
 
 
@@ -97,7 +109,9 @@ def setup(config: ConfigOpt, log_level: LogLevel = "warning") -> None:
 
     Example: syncbus setup --config sync.yaml
     """
-    app.setup_logging(log_level, "auto")
+    from bus.cli import app
+
+    setup_logging(log_level, "auto")
     raise typer.Exit(app.setup(config, echo=typer.echo))
 
 
@@ -125,7 +139,9 @@ def run(
 
       syncbus run --config sync.yaml --until-idle --log-level warning
     """
-    app.setup_logging(log_level, log_format)
+    from bus.cli import app
+
+    setup_logging(log_level, log_format)
     raise typer.Exit(app.run(config, until_idle=until_idle, max_wait=max_wait, echo=typer.echo))
 
 
@@ -144,7 +160,9 @@ def login(
 
     Example: syncbus login --config sync.yaml crm
     """
-    app.setup_logging(log_level, "auto")
+    from bus.cli import app
+
+    setup_logging(log_level, "auto")
     raise typer.Exit(app.login(config, connection, echo=typer.echo))
 
 
@@ -161,7 +179,7 @@ def demo(
         "--keep-running", help="After the script, keep everything up and syncing until Ctrl-C.")
     ] = False,
     amqp_url: Annotated[str, typer.Option(
-        envvar="SYNCBUS_AMQP_URL", help="RabbitMQ to use.")] = "amqp://guest:guest@127.0.0.1:5672/",
+        envvar=AMQP_URL_ENV, help="RabbitMQ to use.")] = DEFAULT_AMQP_URL,
     log_level: LogLevel = "error",
 ) -> None:
     """Dynamics 365 ↔ SQL hub ↔ Business Central, two-way, on emulators, step by step.
@@ -181,7 +199,9 @@ def demo(
 
       syncbus demo --accounts 500 --dir /tmp/demo
     """
-    app.setup_logging(log_level, "auto")
+    from bus.cli import app
+
+    setup_logging(log_level, "auto")
     raise typer.Exit(app.demo(directory, amqp_url=amqp_url, accounts=accounts,
                               customers=customers, keep_running=keep_running, echo=typer.echo))
 

@@ -9,35 +9,29 @@ or arguments). ``bus.cli.main`` adds them with :func:`register`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bus.config.drift import SchemaBaseline, link_drift, link_field_types
-from bus.config.io import canonical_yaml, export_config, import_config, raw_document
-from bus.config.load import LoadedConfig, load_config
-from bus.config.validate import check_urls, validate_config
-from bus.core.log import configure_logging
-from bus.ops.schema_pull import link_config, pull_schema
-from bus.state.store import StateStore
-from bus.worker.worker import Worker
-from connectors.base import BusError, ConfigError
+from bus.cli.common import (
+    EXIT_CONFIG,
+    ConfigOpt,
+    Group,
+    configure_logging,
+    echo_err,
+    load_or_exit,
+)
+
+if TYPE_CHECKING:
+    from bus.config.load import LoadedConfig
 
 __all__ = ["config_app", "register", "schema_app"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_CONFIG = 2
-
-Echo = Callable[[str], None]
 
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error (to stderr).")]
-
-ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")
-]
 
 config_app = typer.Typer(
     help=(
@@ -50,6 +44,7 @@ config_app = typer.Typer(
         "  syncbus config import exported.yaml -c sync.yaml --replace"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
 schema_app = typer.Typer(
@@ -60,6 +55,7 @@ schema_app = typer.Typer(
         "  syncbus schema diff -c sync.yaml            # exit 1 when a link drifted"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
 
@@ -90,17 +86,22 @@ def export_command(
 
       syncbus config export -c sync.yaml --out /backup/sync-$(date +%F).yaml
     """
+    from bus.config.io import export_config
+    from bus.config.load import report_problems
+    from connectors.base import ConfigError
+
     try:
         exported = export_config(config)
     except ConfigError as exc:
-        raise typer.Exit(_problems(exc, _err)) from None
+        report_problems(exc, echo_err)
+        raise typer.Exit(EXIT_CONFIG) from None
     for warning in exported.warnings:
-        _err(f"warning: {warning}")
+        echo_err(f"warning: {warning}")
     if out is None:
         typer.echo(exported.text, nl=False)
     else:
         out.write_text(exported.text, encoding="utf-8")
-        _err(f"wrote {out}")
+        echo_err(f"wrote {out}")
     raise typer.Exit(EXIT_OK)
 
 
@@ -131,12 +132,17 @@ def import_command(
 
       syncbus config import exported.yaml -c sync.yaml --replace --offline
     """
+    from bus.config.io import import_config
+    from bus.config.load import report_problems
+    from connectors.base import BusError, ConfigError
+
     configure_logging(log_level, "auto")
     try:
         done = import_config(file, config, replace=replace, dry_run=dry_run,
                              live=None if offline else _live_check)
     except ConfigError as exc:
-        raise typer.Exit(_problems(exc, typer.echo)) from None
+        report_problems(exc, typer.echo)
+        raise typer.Exit(EXIT_CONFIG) from None
     except BusError as exc:
         typer.echo(f"syncbus: {exc.message}")
         raise typer.Exit(EXIT_FAILED) from None
@@ -187,8 +193,13 @@ def pull_command(
 
       syncbus schema pull -c sync.yaml --from crm --into warehouse --emit-config links.yaml
     """
+    from bus.config.io import canonical_yaml
+    from bus.ops.schema_pull import link_config, pull_schema
+    from bus.worker.worker import Worker
+    from connectors.base import BusError
+
     configure_logging(log_level, "auto")
-    loaded = _load(config)
+    loaded = load_or_exit(config, check_urls=True)
     conns = loaded.config.connections
     for option, name in (("--from", from_), ("--into", into)):
         if name not in conns:
@@ -255,7 +266,7 @@ def diff_command(
       syncbus schema diff -c sync.yaml --accept
     """
     configure_logging(log_level, "auto")
-    loaded = _load(config)
+    loaded = load_or_exit(config, check_urls=True)
     unknown = [n for n in link or () if n not in loaded.config.links]
     if unknown:
         typer.echo(f"--link {unknown[0]}: no such link in {config} "
@@ -277,6 +288,11 @@ def diff_command(
 
 def _diff(loaded: LoadedConfig, names: list[str], accept: bool) -> dict[str, list[str]]:
     """The drift report; with ``accept``, record the current types first."""
+    from bus.config.drift import SchemaBaseline, link_drift, link_field_types
+    from bus.state.store import StateStore
+    from bus.worker.worker import Worker
+    from connectors.base import BusError
+
     cfg = loaded.config
     worker = Worker(cfg)
     state = None
@@ -304,6 +320,9 @@ def _diff(loaded: LoadedConfig, names: list[str], accept: bool) -> dict[str, lis
 
 def _live_check(loaded: LoadedConfig) -> list[str]:
     """``syncbus validate``'s checks against the live systems."""
+    from bus.config.validate import validate_config
+    from bus.worker.worker import Worker
+
     worker = Worker(loaded.config)
     try:
         worker.open_connectors()
@@ -312,30 +331,9 @@ def _live_check(loaded: LoadedConfig) -> list[str]:
         worker.close()
 
 
-def _load(path: Path) -> LoadedConfig:
-    try:
-        loaded = load_config(path)
-    except ConfigError as exc:
-        raise typer.Exit(_problems(exc, typer.echo)) from None
-    problems = check_urls(loaded)
-    if problems:
-        raise typer.Exit(_problems(ConfigError(f"{path}: invalid configuration", problems),
-                                   typer.echo))
-    return loaded
-
-
 def _raw_without_links(loaded: LoadedConfig) -> dict[str, object]:
     """The config file's document without interpolation, ``links`` left out."""
+    from bus.config.io import raw_document
+
     raw = raw_document(loaded.path)
     return {k: v for k, v in raw.items() if k != "links"} if isinstance(raw, dict) else {}
-
-
-def _problems(exc: ConfigError, echo: Echo) -> int:
-    echo(exc.message)
-    for problem in exc.problems:
-        echo(f"  {problem}")
-    return EXIT_CONFIG
-
-
-def _err(line: str) -> None:
-    typer.echo(line, err=True)

@@ -6,18 +6,14 @@ Thin: each command parses its options and calls :mod:`bus.ops.status`,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from bus.ops import links, runs, status
+from bus.cli.common import ConfigOpt, Group
 
 __all__ = ["link", "register"]
 
-ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 link = typer.Typer(
@@ -27,6 +23,7 @@ link = typer.Typer(
         "  syncbus link resume customers -c sync.yaml"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
 
@@ -54,6 +51,8 @@ def status_command(
     Examples: syncbus status -c sync.yaml · syncbus status -c sync.yaml --watch
     · syncbus status -c sync.yaml --json --max-lag 3600
     """
+    from bus.ops import status
+
     raise typer.Exit(status.show_status(config, as_json=as_json, watch=watch, interval=interval,
                                         probe=probe, max_lag=max_lag, timeout=timeout))
 
@@ -74,6 +73,8 @@ def history_command(
     Examples: syncbus history -c sync.yaml --link customers --since 1d
     · syncbus history -c sync.yaml --kind run --json
     """
+    from bus.ops import runs
+
     raise typer.Exit(runs.show_history(config, link=link_name, since=since, kinds=kind,
                                        limit=limit or None, as_json=as_json))
 
@@ -90,6 +91,8 @@ def pause(
 
     Example: syncbus link pause customers -c sync.yaml --reason 'ERP maintenance'
     """
+    from bus.ops import links
+
     raise typer.Exit(links.set_link_paused(config, name, True, reason=reason))
 
 
@@ -102,6 +105,8 @@ def resume(
 
     Example: syncbus link resume customers -c sync.yaml
     """
+    from bus.ops import links
+
     raise typer.Exit(links.set_link_paused(config, name, False))
 
 

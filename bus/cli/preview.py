@@ -7,27 +7,28 @@ rich table per sampled record, or JSON). ``bus.cli.main`` adds it with :func:`re
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bus.cli.meta import _load
-from bus.core.log import configure_logging
-from bus.ops.preview import DEFAULT_LIMIT, PreviewRecord, PreviewReport, preview
-from connectors.base import BusError, ConfigError
+from bus.cli.common import EXIT_CONFIG, ConfigOpt, configure_logging, load_or_exit
+
+if TYPE_CHECKING:
+    from bus.ops.preview import PreviewRecord, PreviewReport
 
 __all__ = ["register"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_CONFIG = 2
 
 #: Longest value shown in a table cell.
 MAX_CELL = 60
+#: Records shown by default (``bus.ops.preview.DEFAULT_LIMIT``; not imported, so that
+#: building the command stays cheap).
+DEFAULT_LIMIT = 10
 
 _COUNTS = (("creates", "creates"), ("updates", "updates"), ("deletes", "deletes"),
            ("soft_deletes", "soft deletes"), ("unchanged", "unchanged"),
@@ -42,8 +43,7 @@ def register(cli: typer.Typer) -> None:
 
 
 def preview_command(
-    config: Annotated[Path, typer.Option(
-        "--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")],
+    config: ConfigOpt,
     link: Annotated[str, typer.Option(help="The link to preview.")],
     direction: Annotated[str | None, typer.Option(
         help="a2b or b2a (two-way links); default: the link's first direction.")] = None,
@@ -70,8 +70,11 @@ def preview_command(
 
       syncbus preview -c sync.yaml --link customers --json > preview.json
     """
+    from bus.ops.preview import preview
+    from connectors.base import BusError, ConfigError
+
     configure_logging(log_level, "auto")
-    loaded = _load(config)
+    loaded = load_or_exit(config, check_urls=True)
     try:
         report = preview(loaded.config, link, direction, limit)
     except ConfigError as exc:

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
-from bus.amqp.errors import raise_if_broker
-from bus.cli import app
-from bus.config.load import load_config
-from bus.ops.syncall import Progress as SyncProgress
-from bus.ops.syncall import sync_all
-from connectors.base import BusError, ConfigError
+from bus.cli.common import EXIT_CONFIG, ConfigOpt, load_or_exit, setup_logging
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from bus.ops.syncall import Progress as SyncProgress
 
 __all__ = ["register"]
 
@@ -34,8 +25,7 @@ def register(cli: typer.Typer) -> None:
 
 
 def sync_all_command(
-    config: Annotated[Path, typer.Option(
-        "--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")],
+    config: ConfigOpt,
     link: Annotated[str, typer.Option(help="The link to copy.")],
     master: Annotated[str | None, typer.Option(
         help="a (the link's source) or b (its target): the side whose version wins every "
@@ -61,14 +51,21 @@ def sync_all_command(
 
       syncbus sync-all -c sync.yaml --link contacts --no-apply    # workers apply
     """
-    app.setup_logging(log_level, "auto")
-    try:
-        loaded = load_config(config).config
-    except ConfigError as exc:
-        _err.print(exc.message, markup=False)
-        for problem in exc.problems:
-            _err.print(f"  {problem}", markup=False)
-        raise typer.Exit(2) from None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from bus.amqp.errors import raise_if_broker
+    from bus.cli import app
+    from bus.ops.syncall import sync_all
+    from connectors.base import BusError, ConfigError
+
+    setup_logging(log_level, "auto")
+    loaded = load_or_exit(config, echo=lambda line: _err.print(line, markup=False)).config
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
                   console=_err, transient=False) as bar:
@@ -86,7 +83,7 @@ def sync_all_command(
                               max_wait=max_wait, on_progress=progress, on_line=bar.console.print)
         except ConfigError as exc:
             _err.print(f"syncbus: {exc.message}", markup=False)
-            raise typer.Exit(2) from None
+            raise typer.Exit(EXIT_CONFIG) from None
         except BusError as exc:
             raise_if_broker(exc, loaded.broker.url)  # one line and exit code 4 (bus.cli.main)
             _err.print(f"syncbus: {exc.message} (run the command again to continue)",

@@ -5,8 +5,8 @@ Statuses: pending (waiting for a retry, replayed, or being applied), processed
 view), archived (set aside); ``--status all`` lists every one. Listing and counting
 read the state store's index only (:mod:`bus.ops.txlog`).
 
-Heavy modules (the broker and state-store clients) are imported inside the commands,
-so that ``syncbus --help`` stays fast.
+Heavy modules (the broker and state-store clients, the config) are imported inside the
+commands, so that ``syncbus --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bus.amqp.errors import BrokerUnavailable, broker_errors
-from bus.amqp.peek import printable
-from bus.config.load import load_config
-from connectors.base import BusError, ConfigError
-from schemas.config import parse_duration
+from bus.cli.common import EXIT_CONFIG, ConfigOpt, Group, load_or_exit
 
 if TYPE_CHECKING:
+    from bus.config.load import LoadedConfig
     from bus.ops.txlog import MoveResult, Transaction, TxFilter, TxLog
 
 #: Statuses a listing shows (bus.ops.txlog.STATUSES, and all).
@@ -53,11 +50,9 @@ tx = typer.Typer(
         "  syncbus tx reconcile -c sync.yaml                 # index vs dead-letter log"
     ),
     no_args_is_help=True,
+    cls=Group,
 )
 
-ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="The YAML config file.", envvar="SYNCBUS_CONFIG")
-]
 LinkOpt = Annotated[str | None, typer.Option(help="Only this link.")]
 EntityOpt = Annotated[str | None, typer.Option(help="Only this source entity.")]
 KeyOpt = Annotated[str | None, typer.Option(
@@ -69,32 +64,34 @@ ErrorOpt = Annotated[str | None, typer.Option(help="Only errors containing this 
 _err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines (grep, logs)
 
 
-def _open(config: Path) -> TxLog:
-    from bus.ops.txlog import TxLog  # noqa: PLC0415 - keeps `syncbus --help` fast
+def _load(config: Path) -> LoadedConfig:
+    """The config, or its problems on stderr and exit code 2."""
+    return load_or_exit(config, echo=lambda line: _err.print(line, markup=False))
 
-    try:
-        return TxLog(load_config(config).config)
-    except ConfigError as exc:
-        _err.print(exc.message, markup=False)
-        for problem in exc.problems:
-            _err.print(f"  {problem}", markup=False)
-        raise typer.Exit(2) from None
+
+def _open(config: Path) -> TxLog:
+    from bus.ops.txlog import TxLog
+
+    return TxLog(_load(config).config)
 
 
 def _filter(ids: list[str] | None, link: str | None, entity: str | None, key: str | None,
             since: str | None, error_contains: str | None) -> TxFilter:
-    from bus.ops.txlog import TxFilter, parse_since  # noqa: PLC0415
+    from bus.ops.txlog import TxFilter, parse_since
 
     try:
         when = parse_since(since) if since else None
     except ValueError:
         _err.print(f"--since {since!r}: use 2h, 30m, 7d or an ISO time like 2026-11-24T10:00")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_CONFIG) from None
     return TxFilter(ids=set(ids or ()), link=link, entity=entity, key=key, since=when,
                     error_contains=error_contains)
 
 
 def _run(log: TxLog, action: object) -> None:
+    from bus.amqp.errors import BrokerUnavailable, broker_errors
+    from connectors.base import BusError
+
     try:
         with broker_errors(log.url):
             action()  # type: ignore[operator]
@@ -128,7 +125,7 @@ def list_(
     """
     if status not in (*STATUSES, "all"):
         _err.print(f"--status {status!r}: one of {', '.join(STATUSES)} or all")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_CONFIG)
     log = _open(config)
     flt = _filter(None, link, entity, key, since, error_contains)
 
@@ -170,6 +167,8 @@ def _dump_json(rows: Iterable[dict[str, object]]) -> None:
 def _table(found: list[Transaction], status: str) -> None:
     """One row per transaction; unreadable bodies are listed again below with size and
     why. Every cell is plain text (no markup), control characters escaped."""
+    from bus.amqp.peek import printable
+
     out = Console(highlight=False)
     if not found:
         out.print(f"no {status} transactions match")
@@ -248,7 +247,7 @@ def replay(
     """
     if status not in ("error", "archived"):
         _err.print(f"--status {status!r}: error or archived")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_CONFIG)
     _move(config, "replay", ids, all_, link, entity, key, since, error_contains, status)
 
 
@@ -274,7 +273,7 @@ def _move(config: Path, action: str, ids: list[str] | None, all_: bool, link: st
     if flt.empty and not all_:
         _err.print(f"say which transactions to {action}: ids, a filter (--link, --entity, --key, "
                    "--since, --error-contains) or --all")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_CONFIG)
     log = _open(config)
 
     progress = _progress(f"{action}: {{}} done")
@@ -292,6 +291,8 @@ def _move(config: Path, action: str, ids: list[str] | None, all_: bool, link: st
 def _report(action: str, result: MoveResult) -> None:
     """What moved, per id when ids were given; exit code 1 when an id matched nothing
     or was left in place, 130 when interrupted."""
+    from bus.amqp.peek import printable
+
     verb = {"replay": "replayed (Pending)", "archive": "archived"}.get(action, action)
     typer.echo(f"{result.moved} transaction(s) {verb}")
     for reason, n in result.skipped.items():
@@ -318,14 +319,16 @@ def purge(
 
     Example: syncbus tx purge -c sync.yaml --archived --older-than 30d
     """
+    from schemas.config import parse_duration
+
     if not (archived or processed):
         _err.print("say what to purge: --archived and/or --processed")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_CONFIG)
     try:
         age = float(parse_duration(older_than))
     except ValueError:
         _err.print(f"--older-than {older_than!r}: use a duration like 30d or 12h")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_CONFIG) from None
     log = _open(config)
 
     def act() -> None:
@@ -376,7 +379,8 @@ def reconcile(config: ConfigOpt,
     log = _open(config)
 
     def act() -> None:
-        from bus.amqp.txsweep import migrate_legacy  # noqa: PLC0415
+        from bus.amqp.peek import printable
+        from bus.amqp.txsweep import migrate_legacy
 
         migrated = migrate_legacy(log.url)
         report = log.sweep(_progress("reconcile: {} letters read"), check=True)
@@ -424,13 +428,10 @@ def conflicts(
 
       syncbus tx conflicts -c sync.yaml --all --link accounts --json
     """
-    try:
-        loaded = load_config(config).config
-    except ConfigError as exc:
-        _err.print(exc.message, markup=False)
-        raise typer.Exit(2) from None
-    from bus.state.store import StateStore  # noqa: PLC0415 - only this command needs it
+    from bus.state.store import StateStore
+    from connectors.base import BusError
 
+    loaded = _load(config).config
     state = StateStore(loaded.state.url)
     try:
         rows = state.conflict_rows(link=link, pending=not all_, limit=limit)
@@ -447,7 +448,7 @@ def conflicts(
     if not rows:
         out.print("no pending conflicts" if not all_ else "no conflicts")
         return
-    from bus.ops.conflicts import render_conflicts  # noqa: PLC0415 - only this command needs it
+    from bus.ops.conflicts import render_conflicts
 
     out.print(render_conflicts(rows, loaded, config_path=str(config)))
     out.print()
@@ -475,16 +476,17 @@ def resolve(
 
       syncbus tx resolve -c sync.yaml 06d1d8e8-4e06-5381-a49a-bba362aaab46 --keep b
     """
-    import getpass  # noqa: PLC0415
+    import getpass
 
-    from bus.ops.conflicts import resolve as resolve_conflict  # noqa: PLC0415
+    from bus.ops.conflicts import resolve as resolve_conflict
+    from connectors.base import BusError, ConfigError
 
+    loaded = _load(config).config
     try:
-        loaded = load_config(config).config
         result = resolve_conflict(loaded, conflict, keep, by=getpass.getuser())
     except ConfigError as exc:
         _err.print(exc.message, markup=False)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_CONFIG) from None
     except BusError as exc:
         _err.print(f"syncbus: {exc.message}", markup=False)
         raise typer.Exit(1) from None

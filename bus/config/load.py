@@ -24,7 +24,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from connectors.base import ConfigError
 from schemas.config import CONNECTION_TYPES, SyncConfig
 from schemas.event import NAME_PATTERN
 
-__all__ = ["LoadedConfig", "Loc", "format_loc", "load_config"]
+__all__ = ["LoadedConfig", "Loc", "format_loc", "load_config", "load_or_report", "report_problems"]
 
 #: A path into the config: mapping keys and list indices, e.g. ("links", "crm", "key", 0).
 Loc = tuple[str | int, ...]
@@ -179,6 +179,43 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     if resolve_paths:
         config = config.resolve_paths(path.parent)
     return LoadedConfig(config, path, walker.lines, frozenset(walker.secrets))
+
+
+def load_or_report(path: str | Path, echo: Callable[[str], None], *,
+                   check_urls: bool = False) -> LoadedConfig | None:
+    """Load the config at ``path``, or report why it cannot be used, as every command does.
+
+    Args:
+        path: The YAML file.
+        echo: Prints one line (each command chooses stdout or stderr, plain or rich).
+        check_urls: Also check every URL without connecting
+            (:func:`bus.config.validate.check_urls`), as the commands that go on to
+            connect do.
+
+    Returns:
+        The loaded config, or None after its problems were printed (exit code 2).
+    """
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        report_problems(exc, echo)
+        return None
+    if check_urls:
+        # Imported here: the URL checks need SQLAlchemy and kombu, loading does not.
+        from bus.config.validate import check_urls as url_problems  # noqa: PLC0415
+
+        problems = url_problems(loaded)
+        if problems:
+            report_problems(ConfigError(f"{path}: invalid configuration", problems), echo)
+            return None
+    return loaded
+
+
+def report_problems(error: ConfigError, echo: Callable[[str], None]) -> None:
+    """Print ``error``'s message, then each of its problems indented by two spaces."""
+    echo(error.message)
+    for problem in error.problems:
+        echo(f"  {problem}")
 
 
 def _text(loc: Sequence[str | int]) -> tuple[str, ...]:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bus.config.load import load_config
+from bus.config.load import load_or_report
 from bus.state.store import StateStore
-from connectors.base import BusError, ConfigError
+from connectors.base import BusError
 
 __all__ = ["operator_name", "set_link_paused"]
 
@@ -46,13 +46,10 @@ def set_link_paused(path: Path, name: str, paused: bool, *, reason: str | None =
         0 done (or already so), 1 state store unreachable, 2 unknown link or invalid config.
     """
     console = console or Console()
-    try:
-        config = load_config(path).config
-    except ConfigError as exc:
-        console.print(exc.message, markup=False)
-        for problem in exc.problems:
-            console.print(f"  {problem}", markup=False)
+    loaded = load_or_report(path, lambda line: console.print(line, markup=False))
+    if loaded is None:
         return 2
+    config = loaded.config
     if name not in config.links:
         known = ", ".join(sorted(config.links)) or "none"
         console.print(f"unknown link {name!r} (links of {path}: {known})", markup=False)

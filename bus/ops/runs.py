@@ -26,10 +26,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bus.config.load import load_config
+from bus.config.load import load_or_report
 from bus.ops.txlog import parse_since
 from bus.state.store import StateStore
-from connectors.base import BusError, ConfigError
+from connectors.base import BusError
 from schemas.config import SyncConfig
 
 __all__ = ["KINDS", "history_records", "show_history"]
@@ -77,13 +77,10 @@ def show_history(path: Path, *, link: str | None = None, since: str | None = Non
         or configuration.
     """
     console = console or Console()
-    try:
-        config = load_config(path).config
-    except ConfigError as exc:
-        console.print(exc.message, markup=False)
-        for problem in exc.problems:
-            console.print(f"  {problem}", markup=False)
+    loaded = load_or_report(path, lambda line: console.print(line, markup=False))
+    if loaded is None:
         return 2
+    config = loaded.config
     unknown = sorted(set(kinds or ()) - set(KINDS))
     if unknown:
         console.print(f"--kind {', '.join(unknown)}: use {', '.join(KINDS)}")

@@ -48,10 +48,10 @@ from bus.amqp.errors import EXIT_BROKER
 from bus.amqp.peek import printable
 from bus.amqp.queues import queue_depths
 from bus.amqp.topology import all_link_queues, link_queues
-from bus.config.load import load_config
+from bus.config.load import load_or_report
 from bus.core.redact import redact_text, redact_url
 from bus.state.store import StateStore
-from connectors.base import BusError, ConfigError
+from connectors.base import BusError
 from connectors.registry import open_connector
 from schemas.config import SyncConfig
 
@@ -237,13 +237,11 @@ def show_status(path: Path, *, as_json: bool = False, watch: bool = False,
         0 healthy, 1 unhealthy, 2 invalid configuration, 4 RabbitMQ cannot be used.
     """
     console = console or Console()
-    try:
-        config = load_config(path).config
-    except ConfigError as exc:
-        console.print(exc.message, markup=False, soft_wrap=True)  # whole lines (grep, logs)
-        for problem in exc.problems:
-            console.print(f"  {problem}", markup=False, soft_wrap=True)
+    # Whole lines, not wrapped (grep, logs).
+    loaded = load_or_report(path, lambda line: console.print(line, markup=False, soft_wrap=True))
+    if loaded is None:
         return 2
+    config = loaded.config
 
     def check() -> StatusReport:
         return collect_status(config, probe=probe, max_lag=max_lag, timeout=timeout)

@@ -16,7 +16,8 @@ import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
-from bus.cli.main import app, cli
+from bus.cli import app
+from bus.cli.main import cli
 from bus.config.drift import link_drift
 from bus.config.load import load_config
 from bus.worker.worker import Worker

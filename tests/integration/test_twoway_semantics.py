@@ -13,7 +13,8 @@ import time
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from bus.cli.main import app, cli
+from bus.cli import app
+from bus.cli.main import cli
 from bus.config.load import load_config
 from bus.ops.txlog import TxLog
 from tests.integration.test_twoway_sql import (  # noqa: F401 - the fixture is used by name
