@@ -17,10 +17,12 @@ broker) and reads until it meets that marker. Markers are skipped by every reade
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +58,8 @@ READ_STALL = 120.0
 JUMP_GAP = 3000
 #: Average gap between wanted offsets above which a fetch attaches at each one.
 SPARSE_GAP = 20
-#: Letters fetched at once when fetching scattered ones (a channel each).
-PARALLEL_FETCHES = 32
+#: Letters fetched at once when fetching scattered ones (a thread and connection each).
+PARALLEL_FETCHES = 16
 
 
 def dead_log_arguments() -> dict[str, Any]:
@@ -171,48 +173,67 @@ class DeadLog:
                     break
 
     def _fetch_sparse(self, wanted: list[int]) -> Iterator[Letter]:
-        """Fetch scattered letters one by one, :data:`PARALLEL_FETCHES` at a time: a
-        channel attached at each offset takes its first delivery and is dropped.
-        The offsets come from the index, so each was in the log; one retention removed
-        is answered with a later letter and left out."""
-        todo = deque(wanted)
-        found: deque[Letter] = deque()
-        attached: dict[int, tuple[Any, int]] = {}  # channel number -> channel, offset
-        done: list[Any] = []
+        """Fetch scattered letters one by one, :data:`PARALLEL_FETCHES` at a time, in
+        ascending order: each is read on a channel of its own, attached at its offset
+        and dropped after the first delivery. pika's blocking client waits for each
+        channel's open and consume, so the fetches run in threads with a connection
+        each (one connection must not be shared between threads). The offsets come
+        from the index, so each was in the log; one retention removed is answered with
+        a later letter and left out."""
+        local = threading.local()
+        opened: list[DeadLog] = []
+        lock = threading.Lock()
 
-        def received(channel: Any, method: Any, props: pika.BasicProperties,
-                     body: bytes) -> None:
-            entry = attached.pop(channel.channel_number, None)
-            if entry is None:
-                return  # read ahead past the wanted letter: dropped with the channel
-            done.append(channel)
-            props.headers = cap_headers(props.headers)
-            if props.headers.get("x-stream-offset") == entry[1]:
-                found.append(Letter(entry[1], props, body, method.routing_key
-                                    if isinstance(method.routing_key, str) else ""))
+        def fetch_one(offset: int) -> Letter | None:
+            reader: DeadLog | None = getattr(local, "reader", None)
+            if reader is None:
+                reader = local.reader = DeadLog(self.url)
+                with lock:
+                    opened.append(reader)
+            return reader._first_at(offset)  # noqa: SLF001 - its own kind
 
         try:
-            stalled_since = time.monotonic()
-            while todo or attached or found:
-                while todo and len(attached) < PARALLEL_FETCHES:
-                    channel = self._open_channel(prefetch=1)
-                    offset = todo.popleft()
-                    self._consume(channel, offset, received)
-                    attached[channel.channel_number] = (channel, offset)
-                while done:
-                    self._drop(done.pop())
-                if found:
-                    stalled_since = time.monotonic()
-                    yield found.popleft()
-                    continue
-                if time.monotonic() - stalled_since > READ_STALL:
+            with ThreadPoolExecutor(PARALLEL_FETCHES, "syncbus-deadlog") as pool:
+                pending: deque[Future[Letter | None]] = deque()
+                todo = iter(wanted)
+                for offset in todo:
+                    pending.append(pool.submit(fetch_one, offset))
+                    if len(pending) >= PARALLEL_FETCHES * 4:
+                        break
+                while pending:
+                    letter = pending.popleft().result()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(fetch_one, nxt))
+                    if letter is not None:
+                        yield letter
+        finally:
+            for reader in opened:
+                reader.close()
+
+    def _first_at(self, offset: int) -> Letter | None:
+        """The letter at ``offset`` (None: the log answered with a later one)."""
+        channel = self._open_channel(prefetch=1)
+        got: list[Letter] = []
+
+        def received(_ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            if not got:
+                props.headers = cap_headers(props.headers)
+                got.append(Letter(offset, props, body, method.routing_key
+                                  if isinstance(method.routing_key, str) else ""))
+                self._drop(channel)  # at once: the log sends the rest of its chunk
+
+        try:
+            self._consume(channel, offset, received)
+            since = time.monotonic()
+            while not got:
+                if time.monotonic() - since > READ_STALL:
                     raise self._stalled()
                 self._events()
         finally:
-            for channel, _offset in attached.values():
-                self._drop(channel)
-            for channel in done:
-                self._drop(channel)
+            self._drop(channel)
+        letter = got[0]
+        return letter if letter.headers.get("x-stream-offset") == offset else None
 
     def _read(self, start: int | str | None) -> Iterator[Letter]:
         channel = self._open_channel()
