@@ -302,7 +302,7 @@ def _report(action: str, result: MoveResult) -> None:
     if result.interrupted:
         typer.echo("interrupted: the rest stay where they were; run the command again")
         raise typer.Exit(130)
-    if result.unmatched or (result.outcomes and result.skipped):
+    if result.unmatched or (result.per_id and result.skipped):
         raise typer.Exit(1)
 
 

@@ -219,8 +219,11 @@ class MoveResult:
     moved: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
-    #: Per explicitly given id: what happened to it (moved, or why not).
+    #: Per explicitly given id: what happened to it (moved, or why not). A move by
+    #: filter or ``--all`` reports counts only (:attr:`moved`, :attr:`skipped`).
     outcomes: dict[str, str] = field(default_factory=dict)
+    #: Whether ids were given (then :attr:`outcomes` has one entry per id).
+    per_id: bool = False
     #: Explicitly given ids that matched no transaction of this configuration.
     unmatched: list[str] = field(default_factory=list)
 
@@ -458,9 +461,11 @@ class TxLog:
                  limit: int | None) -> list[Transaction]:
         query = flt.query(statuses, self.links)
         if not flt.key:
-            rows = self.state.tx_rows(query, limit=limit).rows
-            return [Transaction.from_row(r) for r in rows]
-        found = [t for t in map(Transaction.from_row, self.state.tx_rows(query).rows)
+            if limit:
+                return [Transaction.from_row(r) for r in self.state.tx_rows(query,
+                                                                           limit=limit).rows]
+            return [Transaction.from_row(r) for r in self.state.tx_iter(query)]
+        found = [t for t in map(Transaction.from_row, self.state.tx_iter(query))
                  if flt.match(t)]
         return found[:limit] if limit else found
 
@@ -469,6 +474,7 @@ class TxLog:
         (or have another status) are reported in ``result``."""
         self.refresh()
         txs = self._indexed((status,), flt, None)
+        result.per_id = bool(flt.ids)
         if flt.ids:
             found = {t.id for t in txs}
             for tx_id in sorted(flt.ids - found):
@@ -485,7 +491,8 @@ class TxLog:
 
     def _refuse(self, result: MoveResult, tx: Transaction, reason: str) -> None:
         result.skip(reason)
-        result.outcomes.setdefault(tx.id, reason)
+        if result.per_id:
+            result.outcomes.setdefault(tx.id, reason)
 
     def _replay(self, wanted: dict[int, Transaction],
                 copy: Callable[[Transaction, Letter], OutMessage], status: str,
@@ -537,7 +544,8 @@ class TxLog:
             for tx in part:
                 if tx.key_of in moved:
                     result.moved += 1
-                    result.outcomes.setdefault(tx.id, f"set to {to}")
+                    if result.per_id:
+                        result.outcomes.setdefault(tx.id, f"set to {to}")
                 else:
                     self._refuse(result, tx, "changed meanwhile (a consumer settled it, or another command moved it)")
             if progress:
